@@ -1,0 +1,42 @@
+# Fresh machine: `make run` (the main job on the bundled example) and
+# `make test` (the test suite) set everything up themselves.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO_STATE ?= .lbc-demo
+
+.PHONY: setup run test bench docs lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(STAMP)
+
+# The main job on examples/pool.yaml: validate, plan, apply, show the history.
+run: setup
+	$(BIN)/lbc validate examples/pool.yaml
+	$(BIN)/lbc plan examples/pool.yaml --state $(DEMO_STATE)
+	$(BIN)/lbc apply examples/pool.yaml --state $(DEMO_STATE)
+	$(BIN)/lbc plan examples/pool.yaml --state $(DEMO_STATE) --detailed-exitcode
+	$(BIN)/lbc history --state $(DEMO_STATE)
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python bench/config_speed.py
+
+# Regenerate the README's config and CLI references (a test checks them).
+docs: setup
+	$(BIN)/python -m lbc.docgen --write README.md
+
+lint: setup
+	$(BIN)/pip install --quiet ruff
+	$(BIN)/ruff check lbc workers tests bench
+
+clean:
+	rm -rf $(VENV) $(DEMO_STATE) build *.egg-info

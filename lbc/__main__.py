@@ -1,0 +1,3 @@
+from lbc.cli import main
+
+main()

@@ -1,0 +1,191 @@
+"""The `lbc` command. Each command parses, calls lbc.service, prints, and
+exits with the code the result object gives: 0 success, 1 error, and with
+`plan --detailed-exitcode` 2 when there are changes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lbc import service
+from lbc import table as tablemod
+from lbc.config import load
+from lbc.errors import ConfigInvalid, LbcError
+from lbc.state import StateDir
+
+app = typer.Typer(
+    name="lbc",
+    help="A load balancer driven like a compiler: validate, compile, plan and apply a YAML config.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+StateOption = Annotated[
+    Path,
+    typer.Option("--state", envvar="LBC_STATE_DIR", help="State directory (tables, history, lock).", show_default=True),
+]
+LockTimeout = Annotated[
+    float, typer.Option("--lock-timeout", help="Seconds to wait for another lbc command holding the state lock.")
+]
+ConfigFile = Annotated[Path, typer.Argument(help="The YAML config file.", show_default=False)]
+DEFAULT_STATE = Path(".lbc")
+
+
+@contextlib.contextmanager
+def _reported() -> Iterator[None]:
+    """Turn lbc's errors into a message on stderr and their exit code."""
+    try:
+        yield
+    except ConfigInvalid as e:
+        for d in e.diagnostics:
+            typer.echo(str(d), err=True)
+        errors = sum(d.severity == "error" for d in e.diagnostics)
+        typer.echo(f"lbc: {errors} error{'s' if errors != 1 else ''}; nothing was changed", err=True)
+        raise typer.Exit(e.exit_code) from None
+    except LbcError as e:
+        typer.echo(f"lbc: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
+
+
+def _argv() -> str:
+    return "lbc " + shlex.join(sys.argv[1:])
+
+
+def _warn(warnings: tuple) -> None:
+    for w in warnings:
+        typer.echo(str(w), err=True)
+
+
+@app.command()
+def validate(files: Annotated[list[Path], typer.Argument(help="Config files to check.")]) -> None:
+    """Check config files without touching any state. Exit 0 when all are valid."""
+    failed = False
+    for path in files:
+        try:
+            with _reported():
+                config = load(path)
+                _warn(config.warnings)
+                typer.echo(f"{path}: valid")
+        except typer.Exit:
+            failed = True
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command("compile")
+def compile_(
+    file: ConfigFile,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Write the table here instead of stdout.")] = None,
+) -> None:
+    """Compile a config into a routing table (canonical JSON; its sha256 is its version)."""
+    with _reported():
+        compiled = service.compile_file(file)
+        _warn(compiled.config.warnings)
+        if out is None:
+            sys.stdout.buffer.write(compiled.data + b"\n")
+        else:
+            out.write_bytes(compiled.data)
+            typer.echo(f"Wrote table {compiled.version} to {out}", err=True)
+
+
+@app.command()
+def plan(
+    file: ConfigFile,
+    state: StateOption = DEFAULT_STATE,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    detailed_exitcode: Annotated[
+        bool, typer.Option("--detailed-exitcode", help="Exit 0 with no changes, 2 with changes, 1 on error.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Save the plan for `lbc apply PLAN.json`.")] = None,
+) -> None:
+    """Show what applying FILE would change in the live table, and its effect."""
+    with _reported():
+        result, compiled = service.plan_file(file, StateDir(state))
+        _warn(compiled.config.warnings)
+        if as_json:
+            typer.echo(json.dumps(result.to_plain(), indent=2, sort_keys=True))
+        else:
+            typer.echo(result.render_text(), nl=False)
+        if out is not None:
+            out.write_bytes(service.save_plan(result, compiled))
+            typer.echo(f"Saved the plan to {out}; apply it with: lbc apply {out}", err=True)
+    raise typer.Exit(result.exit_code(detailed_exitcode))
+
+
+@app.command()
+def apply(
+    file: Annotated[Path, typer.Argument(help="A YAML config, or a plan saved with `lbc plan --out`.")],
+    state: StateOption = DEFAULT_STATE,
+    lock_timeout: LockTimeout = 30.0,
+) -> None:
+    """Validate, compile and install FILE as the live table, recording it in history."""
+    with _reported():
+        saved = service.read_saved_plan(file)
+        if saved is None:
+            compiled = service.compile_file(file)
+            _warn(compiled.config.warnings)
+            base = None
+        else:
+            base, compiled = (saved[0],), saved[1]
+        result = service.apply(compiled, StateDir(state), argv=_argv(), lock_timeout=lock_timeout, saved_plan_base=base)
+        typer.echo(result.render_text(), nl=False)
+    raise typer.Exit(result.exit_code())
+
+
+@app.command()
+def history(
+    state: StateOption = DEFAULT_STATE,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
+) -> None:
+    """List installed versions, oldest first; * marks the live one."""
+    with _reported():
+        store = StateDir(state)
+        records, live = store.history(), store.current_version()
+        for r in records:
+            if as_json:
+                typer.echo(json.dumps({**asdict(r), "live": r.version == live}, sort_keys=True))
+                continue
+            mark = "*" if r.version == live else " "
+            source = r.source or (f"(from {r.previous[:12]})" if r.previous else "")
+            typer.echo(f"{mark} {r.version[:12]}  {r.time}  {r.command:<8} {r.origin:<5} {r.who}  {source}")
+
+
+@app.command()
+def show(
+    version: Annotated[str | None, typer.Argument(help="Version or unique prefix; default: the live one.")] = None,
+    state: StateOption = DEFAULT_STATE,
+) -> None:
+    """Print an installed routing table as JSON."""
+    with _reported():
+        store = StateDir(state)
+        if version is None:
+            version = store.current_version()
+            if version is None:
+                raise LbcError(f"nothing is installed in {store.root}")
+        table = store.read_table(store.resolve_version(version))
+        typer.echo(json.dumps(tablemod.to_plain(table), indent=2, sort_keys=True))
+
+
+@app.command()
+def rollback(
+    version: Annotated[str | None, typer.Argument(help="Version or unique prefix; default: the previous one.")] = None,
+    state: StateOption = DEFAULT_STATE,
+    lock_timeout: LockTimeout = 30.0,
+) -> None:
+    """Make an earlier table live again, through the same install path as apply."""
+    with _reported():
+        result = service.rollback(StateDir(state), version, argv=_argv(), lock_timeout=lock_timeout)
+        typer.echo(result.render_text(), nl=False)
+    raise typer.Exit(result.exit_code())
+
+
+def main() -> None:
+    app()

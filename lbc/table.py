@@ -1,0 +1,363 @@
+"""The RoutingTable: the one contract between the control plane and the data
+plane.
+
+A table is a tree of frozen, slotted dataclasses that check their invariants
+when built. On disk it is canonical JSON (sorted keys, no whitespace, UTF-8,
+integers only: durations in ms, sizes in bytes), and its version is the sha256
+of exactly those bytes, so `sha256sum tables/<version>.json` names the file.
+The same Config always compiles to the same bytes.
+
+Files a config names (certificates, keys, CA bundles, secrets) appear here only
+as sha256 digests; their bytes live in the state directory's secrets/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Union
+
+FORMAT = 1
+HASH_NAME = "blake2b-64/lbc1"  # see lbc.hashing
+
+PROTOCOLS = frozenset({"http", "https", "tcp", "udp", "tls_passthrough"})
+ALGORITHMS = frozenset(
+    {
+        "round_robin",
+        "weighted_round_robin",
+        "least_connections",
+        "weighted_least_connections",
+        "ip_hash",
+        "consistent_hash",
+        "random",
+        "power_of_two",
+    }
+)
+HASHING = frozenset({"ip_hash", "consistent_hash"})
+
+Pair = tuple[str, str]
+
+
+class TableError(ValueError):
+    """Bytes or values that do not make a valid routing table."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise TableError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    client_header_ms: int
+    idle_ms: int
+    connect_ms: int
+    response_ms: int
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _require(getattr(self, f.name) > 0, f"timeout {f.name} must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_request_head: int
+    max_header_count: int
+    max_request_line: int
+    max_body: int  # 0: unlimited
+
+    def __post_init__(self) -> None:
+        _require(self.max_request_head > 0 and self.max_header_count > 0 and self.max_request_line > 0, "limits must be positive")
+        _require(self.max_body >= 0, "max_body must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    host: str | None  # lowercase; "*.example.com" matches any subdomain
+    path_prefix: str | None
+    path_regex: str | None
+    methods: tuple[str, ...]  # empty: any method
+    headers: tuple[Pair, ...]  # (lowercase name, value), sorted by name
+
+    def __post_init__(self) -> None:
+        _require(
+            any((self.host, self.path_prefix, self.path_regex, self.methods, self.headers)),
+            "a match needs at least one condition",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    match: Match | None  # None: the default route
+    pool: str
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    cert_sha256: str
+    key_sha256: str
+    subject: str
+    names: tuple[str, ...]  # SAN entries, lowercase
+    not_after: str  # ISO 8601 UTC
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTLS:
+    certificates: tuple[Certificate, ...]  # the first is the default
+    min_version: str
+    ciphers: str
+
+    def __post_init__(self) -> None:
+        _require(len(self.certificates) > 0, "tls needs a certificate")
+        _require(self.min_version in ("1.2", "1.3"), "min_version must be 1.2 or 1.3")
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    protocol: str
+    host: str
+    port: int
+    routes: tuple[Route, ...]
+    pool: str | None  # L4: where connections go (tls_passthrough: when no route matches)
+    tls: ListenerTLS | None
+    timeouts: Timeouts
+    limits: Limits
+    add_request_headers: tuple[Pair, ...]
+    remove_request_headers: tuple[str, ...]  # lowercase
+    add_response_headers: tuple[Pair, ...]
+    forwarded_headers: bool
+
+    def __post_init__(self) -> None:
+        _require(self.protocol in PROTOCOLS, f"unknown protocol {self.protocol!r}")
+        _require(1 <= self.port <= 65535, "port out of range")
+        _require((self.protocol == "https") == (self.tls is not None), "tls is set exactly on https listeners")
+        if self.protocol in ("tcp", "udp"):
+            _require(self.pool is not None and not self.routes, f"{self.protocol} listener needs a pool and no routes")
+        defaults = [i for i, r in enumerate(self.routes) if r.match is None]
+        _require(not defaults or defaults == [len(self.routes) - 1], "only the last route may lack a match")
+
+    @property
+    def bind(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def pools_used(self) -> tuple[str, ...]:
+        names = [r.pool for r in self.routes] + ([self.pool] if self.pool else [])
+        return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    type: str  # tcp, http, custom
+    path: str | None  # http only, as are method, host, expect_status and expect_body
+    method: str | None
+    host: str | None
+    expect_status: tuple[tuple[int, int], ...]  # inclusive ranges
+    expect_body: str | None
+    command: str | None  # custom only
+    interval_ms: int
+    timeout_ms: int
+    healthy_threshold: int
+    unhealthy_threshold: int
+
+    def __post_init__(self) -> None:
+        _require(self.type in ("tcp", "http", "custom"), f"unknown health check type {self.type!r}")
+        _require(0 < self.timeout_ms < self.interval_ms, "health check timeout must be positive and below interval")
+        _require((self.type == "custom") == (self.command is not None), "command is set exactly on custom checks")
+
+
+@dataclass(frozen=True, slots=True)
+class Sticky:
+    mode: str  # cookie, source_ip, header
+    cookie_name: str | None
+    header: str | None  # lowercase
+    ttl_ms: int
+    secret_sha256: str | None
+    store: str  # "none" or a redis:// URL
+
+    def __post_init__(self) -> None:
+        _require(self.mode in ("cookie", "source_ip", "header"), f"unknown sticky mode {self.mode!r}")
+        _require((self.mode == "cookie") == (self.cookie_name is not None), "cookie_name is set exactly in cookie mode")
+        _require((self.mode == "header") == (self.header is not None), "header is set exactly in header mode")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTLS:
+    verify: bool
+    ca_sha256: str | None
+    sni: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    id: str
+    address: str
+    port: int
+    weight: int
+    max_connections: int  # 0: unlimited
+    enabled: bool
+    health_check_path: str | None
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.port <= 65535, f"backend {self.id}: port out of range")
+        _require(1 <= self.weight <= 256, f"backend {self.id}: weight out of range")
+        _require(self.max_connections >= 0, f"backend {self.id}: negative max_connections")
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    name: str
+    algorithm: str
+    hash_key: str | None  # set exactly for the hashing algorithms
+    health_check: HealthCheck | None
+    sticky: Sticky | None
+    drain_timeout_ms: int
+    dynamic_backends: bool
+    tls: UpstreamTLS | None
+    backends: tuple[Backend, ...]  # in config order: round robin follows it
+
+    def __post_init__(self) -> None:
+        _require(self.algorithm in ALGORITHMS, f"unknown algorithm {self.algorithm!r}")
+        _require((self.algorithm in HASHING) == (self.hash_key is not None), "hash_key is set exactly for hashing algorithms")
+        ids = [b.id for b in self.backends]
+        _require(len(ids) == len(set(ids)), f"pool {self.name}: duplicate backend id")
+
+    def enabled_backends(self) -> tuple[Backend, ...]:
+        return tuple(b for b in self.backends if b.enabled)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    workers: int | None  # None: as many as the machine has CPUs
+    drain_timeout_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingTable:
+    format: int
+    hash: str  # the named hash every worker and node uses for affinity
+    settings: Settings
+    listeners: tuple[Listener, ...]  # sorted by name
+    pools: tuple[Pool, ...]  # sorted by name
+
+    def __post_init__(self) -> None:
+        _require(self.format == FORMAT, f"table format {self.format} is not {FORMAT}")
+        _require(self.hash == HASH_NAME, f"unknown hash {self.hash!r}")
+        pools = {p.name for p in self.pools}
+        _require(len(pools) == len(self.pools), "duplicate pool name")
+        _require(len({x.name for x in self.listeners}) == len(self.listeners), "duplicate listener name")
+        ids = [b.id for p in self.pools for b in p.backends]
+        _require(len(ids) == len(set(ids)), "duplicate backend id")
+        for listener in self.listeners:
+            for name in listener.pools_used():
+                _require(name in pools, f"listener {listener.name} uses unknown pool {name!r}")
+
+    def pool(self, name: str) -> Pool:
+        for p in self.pools:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def digests(self) -> frozenset[str]:
+        """sha256 of every file whose bytes a worker needs (certificates, keys,
+        CA bundles, secrets)."""
+        out: set[str] = set()
+        for listener in self.listeners:
+            if listener.tls:
+                for c in listener.tls.certificates:
+                    out.update((c.cert_sha256, c.key_sha256))
+        for pool in self.pools:
+            if pool.tls and pool.tls.ca_sha256:
+                out.add(pool.tls.ca_sha256)
+            if pool.sticky and pool.sticky.secret_sha256:
+                out.add(pool.sticky.secret_sha256)
+        return frozenset(out)
+
+
+# -- encoding ----------------------------------------------------------------
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses -> dicts, tuples -> lists; everything else as is."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def canonical(plain: Any) -> bytes:
+    return json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def dump(table: RoutingTable) -> bytes:
+    return canonical(to_plain(table))
+
+
+def version_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load(data: bytes, *, expected_version: str | None = None) -> RoutingTable:
+    """Bytes -> RoutingTable, checking the digest (when given), the format and
+    every invariant. Raises TableError."""
+    if expected_version is not None and version_of(data) != expected_version:
+        raise TableError(f"table bytes do not hash to {expected_version}")
+    try:
+        plain = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TableError(f"not JSON: {e}") from None
+    if not isinstance(plain, dict) or plain.get("format") != FORMAT:
+        raise TableError(f"not a format {FORMAT} routing table")
+    return from_plain(RoutingTable, plain)
+
+
+def from_plain(cls: type, data: Any, where: str = "table") -> Any:
+    """Build a table dataclass from plain JSON values, strictly: no missing or
+    unknown keys, no wrong types."""
+    if not isinstance(data, dict):
+        raise TableError(f"{where}: expected an object")
+    hints = _hints(cls)
+    if set(data) != set(hints):
+        extra, missing = set(data) - set(hints), set(hints) - set(data)
+        raise TableError(f"{where}: unknown keys {sorted(extra)}, missing keys {sorted(missing)}")
+    return cls(**{name: _value(hint, data[name], f"{where}.{name}") for name, hint in hints.items()})
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _value(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _value(inner, value, where)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise TableError(f"{where}: expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_value(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise TableError(f"{where}: expected {len(args)} items")
+        return tuple(_value(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=False)))
+    if dataclasses.is_dataclass(hint):
+        return from_plain(hint, value, where)
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise TableError(f"{where}: expected {hint.__name__}")
+    return value

@@ -1,0 +1,1 @@
+"""Package data: the JSON Schema of the config language and the admin API spec."""

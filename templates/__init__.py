@@ -1,0 +1,1 @@
+"""Package data: Jinja2 templates (supervisord.conf and exports to other engines)."""

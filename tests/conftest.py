@@ -1,0 +1,70 @@
+"""Shared fixtures. Tests talk only to 127.0.0.1, are bounded in time
+(pytest-timeout), and stop every process they start by PID."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "pool.yaml"
+CASES = Path(__file__).resolve().parent / "cases"
+
+
+def lbc(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the real `lbc` command in a child process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "lbc", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def write(tmp_path: Path):
+    """write(name, text) -> Path: a file in this test's directory."""
+
+    def _write(name: str, text: str | bytes) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(text)
+        return path
+
+    return _write
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA and two server certificates (with keys) made by trustme."""
+    import trustme
+
+    d = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    out: dict[str, Path] = {}
+    ca.cert_pem.write_to_path(d / "ca.pem")
+    out["ca"] = d / "ca.pem"
+    for name, hosts in (("www", ["www.example.test", "example.test"]), ("api", ["api.example.test"])):
+        cert = ca.issue_cert(*hosts)
+        cert.private_key_pem.write_to_path(d / f"{name}.key")
+        cert.cert_chain_pems[0].write_to_path(d / f"{name}.pem")
+        for extra in cert.cert_chain_pems[1:]:
+            extra.write_to_path(d / f"{name}.pem", append=True)
+        out[f"{name}_cert"] = d / f"{name}.pem"
+        out[f"{name}_key"] = d / f"{name}.key"
+    return out
