@@ -66,7 +66,7 @@ def collect(doc: Document, now: datetime) -> FileSet:
             found.diagnostics.append(doc.diagnostic(path, "secret file is empty"))
     for cert_path, key_path in _certificate_pairs(doc.data):
         cert, key = get(doc.data, cert_path), get(doc.data, key_path)
-        if cert in found.blobs and key in found.blobs:
+        if isinstance(cert, str) and isinstance(key, str) and cert in found.blobs and key in found.blobs:
             _check_pair(doc, cert_path, key_path, found.blobs[cert], found.blobs[key], now, found)
     return found
 
@@ -75,10 +75,11 @@ def _references(data: Any) -> Iterator[tuple[Path, str]]:
     for i, listener in dicts(data, "listeners"):
         tls = listener.get("tls")
         if isinstance(tls, dict):
-            for j, _ in dicts(tls, "certificates"):
+            for j, pair in dicts(tls, "certificates"):
                 base = ("listeners", i, "tls", "certificates", j)
-                yield base + ("cert",), "cert"
-                yield base + ("key",), "key"
+                for kind in ("cert", "key"):
+                    if kind in pair:  # else the schema reported it missing
+                        yield base + (kind,), kind
     for i, pool in dicts(data, "pools"):
         if isinstance(pool.get("tls"), dict) and "ca_file" in pool["tls"]:
             yield ("pools", i, "tls", "ca_file"), "ca"
@@ -89,9 +90,10 @@ def _references(data: Any) -> Iterator[tuple[Path, str]]:
 def _certificate_pairs(data: Any) -> Iterator[tuple[Path, Path]]:
     for i, listener in dicts(data, "listeners"):
         if isinstance(listener.get("tls"), dict):
-            for j, _ in dicts(listener["tls"], "certificates"):
+            for j, pair in dicts(listener["tls"], "certificates"):
                 base = ("listeners", i, "tls", "certificates", j)
-                yield base + ("cert",), base + ("key",)
+                if "cert" in pair and "key" in pair:
+                    yield base + ("cert",), base + ("key",)
 
 
 def _read(doc: Document, path: Path, written: str, found: FileSet) -> FileBlob | None:
@@ -126,18 +128,19 @@ def _check_ca(doc: Document, path: Path, blob: FileBlob, found: FileSet) -> None
 def _check_pair(
     doc: Document, cert_path: Path, key_path: Path, cert: FileBlob, key: FileBlob, now: datetime, found: FileSet
 ) -> None:
+    # Both files are checked before giving up, so a user sees both problems at once.
+    chain = private = None
     try:
         chain = x509.load_pem_x509_certificates(cert.data)
     except ValueError:
         found.diagnostics.append(doc.diagnostic(cert_path, f"{cert.path} holds no PEM certificate"))
-        return
     try:
         private = serialization.load_pem_private_key(key.data, password=None)
     except TypeError:
         found.diagnostics.append(doc.diagnostic(key_path, f"{key.path} is encrypted; give an unencrypted key"))
-        return
     except (ValueError, UnicodeError):
         found.diagnostics.append(doc.diagnostic(key_path, f"{key.path} holds no PEM private key"))
+    if chain is None or private is None:
         return
     leaf = chain[0]
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -14,6 +14,7 @@ Scalars are resolved with the YAML 1.2 core schema: `yes`/`on` are strings,
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import math
 import os
@@ -120,12 +121,18 @@ def read_file(path: str | os.PathLike[str]) -> Document:
 
 def parse_bytes(raw: bytes, name: str, *, directory: FsPath | None = None) -> Document:
     sha = hashlib.sha256(raw).hexdigest()
+    # The byte order mark is dropped here rather than by the utf-8-sig codec,
+    # whose error offsets do not count it.
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        bad = raw[e.start : e.start + 1].hex()
+        start = bom + e.start
+        line = raw.count(b"\n", 0, start) + 1
+        line_start = max(raw.rfind(b"\n", 0, start) + 1, bom)
+        # In characters, as YAML's own marks are (the bytes before the bad one decode).
+        col = len(raw[line_start:start].decode("utf-8")) + 1
+        bad = raw[start : start + 1].hex()
         raise ConfigInvalid((Diagnostic(name, line, col, "$", f"file is not valid UTF-8 (byte 0x{bad})"),)) from None
     builder = _Builder(name)
     data = builder.build(text)
@@ -133,14 +140,20 @@ def parse_bytes(raw: bytes, name: str, *, directory: FsPath | None = None) -> Do
 
 
 class _Frame:
-    __slots__ = ("container", "path", "key", "key_mark", "is_map")
+    __slots__ = ("container", "path", "key", "slot", "is_map")
 
     def __init__(self, container: Any, path: Path, is_map: bool) -> None:
         self.container = container
         self.path = path
         self.is_map = is_map
-        self.key: str | None = None
-        self.key_mark: tuple[int, int] | None = None
+        self.key: str | None = None  # the mapping key awaiting its value, as written
+        self.slot: str | None = None  # where that value goes: the key, or a scratch slot for a duplicate
+
+    def next_path(self) -> Path:
+        """Path of the node that comes next here: a list item, a key's value, or (no key pending) the mapping."""
+        if not self.is_map:
+            return self.path + (len(self.container),)
+        return self.path + (self.key,) if self.key is not None else self.path
 
 
 class _Builder:
@@ -167,8 +180,16 @@ class _Builder:
             mark = e.problem_mark or e.context_mark
             where = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
             message = e.problem or "invalid YAML"
-            if e.context:
-                message = f"{e.context}: {message}"
+            if _char_at(text, where) == "\t":
+                message = "tabs cannot indent YAML: use spaces"
+            elif e.context:
+                started = e.context_mark
+                if started is not None and (started.line + 1, started.column + 1) != where:
+                    message = f"{e.context} (started at line {started.line + 1}, column {started.column + 1}): {message}"
+                else:
+                    message = f"{e.context}: {message}"
+            if "unexpected ':'" in message:
+                message += " (inside {...} or [...], quote values that contain ':', such as \"127.0.0.1:80\")"
             raise self.fatal(where, (), f"YAML syntax error: {message}") from None
         except YAMLError as e:
             raise self.fatal((1, 1), (), f"YAML error: {e}") from None
@@ -192,24 +213,22 @@ class _Builder:
                 if nodes > MAX_NODES:
                     raise self.fatal(mark, (), f"more than {MAX_NODES} YAML nodes")
                 top = stack[-1] if stack else None
+                is_key = top is not None and top.is_map and top.key is None
+                path: Path = top.next_path() if top is not None else ()
+                if is_key and kind is ScalarEvent:
+                    path += (ev.value,)
                 if ev.anchor is not None:
-                    path = top.path if top else ()
                     raise self.fatal(mark, path, f"anchors (&{ev.anchor}) are not supported: write the value out")
                 if ev.tag not in _ALLOWED_TAGS:
-                    path = top.path if top else ()
                     raise self.fatal(mark, path, f"YAML tag {ev.tag} is not supported")
-                if top is not None and top.is_map and top.key is None:
+                if is_key:
                     if kind is not ScalarEvent:
-                        raise self.fatal(mark, top.path, "mapping keys must be plain strings")
+                        raise self.fatal(mark, path, "mapping keys must be plain strings")
                     self._key(top, ev.value, mark)
                     continue
-                if top is None:
-                    path: Path = ()
-                elif top.is_map:
-                    path = top.path + (top.key,)
-                else:
-                    path = top.path + (len(top.container),)
                 if kind is ScalarEvent:
+                    if top is None and ev.implicit[0] and not ev.value:
+                        continue  # an empty document (`---` alone): reported as an empty file
                     value = _scalar(ev)
                     if value is _NON_FINITE:
                         self.error(mark, path, f"{ev.value} is not a finite number")
@@ -222,7 +241,7 @@ class _Builder:
                 if top is None:
                     root = value
                 elif top.is_map:
-                    top.container[top.key] = value
+                    top.container[top.slot] = value
                     top.key = None
                 else:
                     top.container.append(value)
@@ -232,7 +251,7 @@ class _Builder:
                 stack.pop()
             elif kind is AliasEvent:
                 mark = (ev.start_mark.line + 1, ev.start_mark.column + 1)
-                path = stack[-1].path if stack else ()
+                path = stack[-1].next_path() if stack else ()
                 raise self.fatal(mark, path, f"aliases (*{ev.anchor}) are not supported: write the value out")
             elif kind is DocumentStartEvent:
                 documents += 1
@@ -247,11 +266,10 @@ class _Builder:
             first = self.key_positions[path]
             self.error(mark, path, f"duplicate key '{key}' (first written at line {first[0]})")
             # Later values of a duplicate key are still parsed, into a scratch slot.
-            frame.key = f"\0dup{len(self.errors)}"
-            frame.key_mark = mark
+            frame.key = key
+            frame.slot = f"\0dup{len(self.errors)}"
             return
-        frame.key = key
-        frame.key_mark = mark
+        frame.key = frame.slot = key
         self.key_positions[path] = mark
 
 
@@ -285,6 +303,12 @@ def _scalar(ev: ScalarEvent) -> Any:
     if _SPECIAL_FLOAT.match(value):
         return _NON_FINITE
     return value
+
+
+def _char_at(text: str, where: tuple[int, int]) -> str:
+    lines = text.split("\n")
+    line = lines[where[0] - 1] if where[0] <= len(lines) else ""
+    return line[where[1] - 1] if where[1] <= len(line) else ""
 
 
 def _index_to_line_col(text: str, index: int) -> tuple[int, int]:

@@ -96,12 +96,15 @@ def _translate(error: ValidationError, doc: Document) -> Iterator[Diagnostic]:
         missing = m.group(1) if m else str(error.validator_value)
         yield doc.diagnostic(path, f"missing required key '{missing}'")
         return
-    if "x-error" in schema:
-        yield doc.diagnostic(path, f"{schema['x-error']} (got {_show(error.instance)})")
-        return
     if kind in ("anyOf", "oneOf") and error.context:
-        deepest = best_match(error.context)
-        yield from _translate(deepest, doc)
+        # A branch that failed inside the value (a list item, say) says more than
+        # the node's x-error; so does any branch when there is no x-error.
+        inner = [e for e in error.context if e.path]
+        if inner or "x-error" not in schema:
+            yield from _translate(best_match(inner or error.context), doc)
+            return
+    if "x-error" in schema and kind != "type":
+        yield doc.diagnostic(path, f"{schema['x-error']} (got {_show(error.instance)})")
         return
     yield doc.diagnostic(path, _message(error))
 
@@ -125,8 +128,9 @@ def _message(error: ValidationError) -> str:
     if kind == "enum":
         hint = ""
         if isinstance(got, str):
-            close = difflib.get_close_matches(got, [str(v) for v in expected], n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            choices = {str(v).lower(): str(v) for v in expected}
+            close = difflib.get_close_matches(got.lower(), list(choices), n=1, cutoff=0.6)
+            hint = f"; did you mean '{choices[close[0]]}'?" if close else ""
         return f"must be one of: {', '.join(str(v) for v in expected)} (got {_show(got)}){hint}"
     if kind == "const":
         return f"must be {_show(expected)} (got {_show(got)})"

@@ -16,6 +16,7 @@ from typing import Any
 from lbc.config.addresses import WILDCARDS, address_kind, format_hostport, parse_bind
 from lbc.config.diagnostics import WARNING, Diagnostic, Path
 from lbc.config.loader import Document
+from lbc.config.schema import pool_schema
 from lbc.config.tree import dicts
 from lbc.config.units import duration_ms
 
@@ -25,6 +26,8 @@ HASHING = frozenset({"ip_hash", "consistent_hash"})
 L7_ONLY_LISTENER_KEYS = ("add_request_headers", "remove_request_headers", "add_response_headers", "forwarded_headers", "limits")
 HTTP_CHECK_KEYS = ("path", "method", "host", "expect_status", "expect_body")
 MIN_TTL_MS, MAX_TTL_MS = 1000, 30 * 86_400_000
+ALGORITHMS = tuple(pool_schema()["$defs"]["pool"]["properties"]["algorithm"]["enum"])
+_BIND_SHAPE = re.compile(pool_schema()["$defs"]["listener"]["properties"]["bind"]["pattern"])
 
 
 def check(doc: Document) -> list[Diagnostic]:
@@ -90,7 +93,11 @@ class _Checker:
                 else:
                     seen[name] = i
             protocol = listener.get("protocol")
-            if not isinstance(protocol, str):
+            if not isinstance(protocol, str) or protocol not in L7 | L4:
+                # The schema reported the protocol; count the pools named here as used.
+                self.pool_ref(base + ("pool",), listener.get("pool"), "?")
+                for j, route in dicts(listener, "routes"):
+                    self.pool_ref(base + ("routes", j, "pool"), route.get("pool"), "?")
                 continue
             self.check_listener_shape(base, listener, protocol)
             self.check_routes(base, listener, protocol)
@@ -103,7 +110,9 @@ class _Checker:
         if protocol in L7:
             if "pool" in listener:
                 self.error(base + ("pool",), f"{protocol} listeners send traffic through routes: write `routes: [{{pool: {listener['pool']}}}]`", key=True)
-            if not has_routes:
+                if not has_routes:
+                    self.pool_ref(base + ("pool",), listener["pool"], protocol)  # meant as the default route
+            elif not has_routes:
                 self.error(base, f"{protocol} listener needs routes")
         else:
             if protocol in ("tcp", "udp") and has_routes:
@@ -164,7 +173,8 @@ class _Checker:
             try:
                 host, port = parse_bind(bind)
             except ValueError as e:
-                self.error(("listeners", i, "bind"), str(e))
+                if _BIND_SHAPE.match(bind):  # else the schema reported it
+                    self.error(("listeners", i, "bind"), str(e))
                 continue
             transport = "udp" if listener.get("protocol") == "udp" else "tcp"
             for other_host, other in taken[(transport, port)]:
@@ -181,7 +191,7 @@ class _Checker:
         protocols = self.pool_protocols.get(name, set()) if isinstance(name, str) else set()
         if isinstance(name, str) and self.pools.get(name) == base[1] and not protocols:
             self.warn(base + ("name",), f"pool '{name}' is not used by any listener")
-        if self.doc.written(base + ("hash_key",)):
+        if self.doc.written(base + ("hash_key",)) and algorithm in ALGORITHMS:  # else the schema reported it
             hash_key = pool.get("hash_key")
             if algorithm not in HASHING:
                 self.error(base + ("hash_key",), f"hash_key applies only to ip_hash and consistent_hash, not {algorithm}", key=True)
@@ -201,7 +211,11 @@ class _Checker:
         interval = self.positive_duration(path + ("interval",), hc.get("interval"))
         timeout = self.positive_duration(path + ("timeout",), hc.get("timeout"))
         if interval is not None and timeout is not None and timeout >= interval:
-            self.error(path + ("timeout",), f"must be below interval ({hc['interval']})")
+            if self.doc.written(path + ("timeout",)):
+                default = "" if self.doc.written(path + ("interval",)) else ", the default"
+                self.error(path + ("timeout",), f"must be below interval ({hc['interval']}{default})")
+            else:
+                self.error(path + ("interval",), f"must be above timeout ({hc['timeout']}, the default)")
         if kind == "custom" and "command" not in hc:
             self.error(path, "custom health checks need a command")
         if kind != "custom" and self.doc.written(path + ("command",)):
@@ -235,12 +249,14 @@ class _Checker:
 
     def check_backends(self, base: Path, pool: dict[str, Any]) -> None:
         seen: dict[tuple[str, int], int] = {}
-        enabled = 0
+        listed = enabled = 0
         for j, backend in dicts(pool, "backends"):
+            listed += 1
             path = base + ("backends", j)
             address, port = backend.get("address"), backend.get("port")
             if isinstance(address, str) and address_kind(address) is None:
-                self.error(path + ("address",), f"'{address}' is not an IPv4 address, an IPv6 address or a host name")
+                hint = "; write IPv6 addresses without brackets" if address.startswith("[") else ""
+                self.error(path + ("address",), f"'{address}' is not an IPv4 address, an IPv6 address or a host name{hint}")
             if isinstance(address, str) and isinstance(port, int):
                 key = (address.lower(), port)
                 if key in seen:
@@ -250,8 +266,11 @@ class _Checker:
             if backend.get("enabled") is True:
                 enabled += 1
         if not enabled and pool.get("dynamic_backends") is not True:
-            self.error(base + ("backends",) if "backends" in pool and self.doc.written(base + ("backends",)) else base,
-                       "pool has no enabled backend")
+            where = base + ("backends",) if self.doc.written(base + ("backends",)) else base
+            if not listed:
+                self.error(where, "pool has no backends (with dynamic_backends: true the admin API adds them)")
+            else:
+                self.error(where, "pool has no enabled backend")
 
     def check_backend_ids(self) -> None:
         seen: dict[str, Path] = {}
