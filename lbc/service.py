@@ -166,7 +166,7 @@ def apply(
         if plan.empty:
             return ApplyResult(plan, installed=False, state=str(state.root))
         record = _record(compiled.version, base_version, "apply", origin, compiled.source, compiled.source_sha256, argv)
-        state.install(compiled.data, compiled.secrets, record)
+        state.install(compiled.table, compiled.data, compiled.secrets, record)
         return ApplyResult(plan, installed=True, state=str(state.root))
 
 
@@ -186,7 +186,7 @@ def rollback(state: StateDir, target: str | None, *, argv: str, lock_timeout: fl
         if plan.empty:
             return ApplyResult(plan, installed=False, state=str(state.root))
         record = _record(version, base_version, "rollback", origin, None, None, argv)
-        state.install(tablemod.dump(table), {}, record)
+        state.install(table, tablemod.dump(table), {}, record)
         return ApplyResult(plan, installed=True, state=str(state.root))
 
 

@@ -5,6 +5,7 @@ secrets, and the lock that serializes changes.
       tables/<version>.json   canonical table bytes; sha256(file) == version
       secrets/<sha256>        bytes of files tables name by digest (mode 0600)
       current                 the live version, one line
+      slots.json              backend identity -> shared-memory slot (see lbc.shm)
       history.jsonl           one JSON record per install, appended
       lock                    flock()ed by the command changing state; holds its pid
 
@@ -12,7 +13,7 @@ Crash safety. Every file is written as: temp file in the same directory,
 write, fsync, rename over the final name, fsync the directory. An install
 writes in this order:
 
-    secrets -> table -> history record -> current
+    secrets -> table -> slots -> history record -> current
 
 so `current` only ever names a table whose bytes and secrets are already
 durable. A crash before the flip leaves the old table live (and possibly a
@@ -43,12 +44,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lbc import table as tablemod
+from lbc.shm import MAX_BACKENDS
 from lbc.errors import LockTimeout, StateError, UnknownVersion
 from lbc.table import RoutingTable
 
 FAULT_POINTS = tuple(
     f"{what}.{step}"
-    for what in ("secret", "table", "history", "current")
+    for what in ("secret", "table", "slots", "history", "current")
     for step in ("write", "fsync", "rename", "dirsync")
     if not (what == "history" and step in ("rename", "dirsync"))
 )
@@ -80,6 +82,8 @@ class StateDir:
         self.current_file = self.root / "current"
         self.history_file = self.root / "history.jsonl"
         self.lock_file = self.root / "lock"
+        self.slots_file = self.root / "slots.json"
+        self.run = self.root / "run"  # runtime files of a running node (lbc up)
 
     # -- reading ------------------------------------------------------------
 
@@ -184,9 +188,19 @@ class StateDir:
         who = f"pid {holder.get('pid', '?')} ({holder.get('command', 'unknown command')}, since {holder.get('started', '?')})"
         return f"state {self.root} is locked by {who}; gave up after {timeout:g}s (--lock-timeout)"
 
-    def install(self, data: bytes, secrets: Mapping[str, bytes], record: HistoryRecord) -> None:
-        """Make `data` the live table. The caller holds the lock and has
-        checked the table; `secrets` holds the bytes of every digest it names."""
+    def slots(self) -> dict[str, int]:
+        """Backend identity key (see slot_key) -> shared-memory slot."""
+        try:
+            return json.loads(self.slots_file.read_text())["slots"]
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError) as e:
+            raise StateError(f"cannot read {self.slots_file}: {e}") from None
+
+    def install(self, table: RoutingTable, data: bytes, secrets: Mapping[str, bytes], record: HistoryRecord) -> None:
+        """Make `table` (whose canonical bytes are `data`) the live table. The
+        caller holds the lock and has checked the table; `secrets` holds the
+        bytes of every digest it names that is not stored yet."""
         version = tablemod.version_of(data)
         if version != record.version:
             raise StateError("history record does not match the table")
@@ -196,8 +210,26 @@ class StateDir:
                 self._atomic_write(self.secrets, digest, blob, "secret", mode=0o600)
         if not (self.tables / f"{version}.json").is_file():
             self._atomic_write(self.tables, f"{version}.json", data, "table")
+        self._allocate_slots(table)
         self._append_history(record)
         self._atomic_write(self.root, "current", f"{version}\n".encode(), "current")
+
+    def _allocate_slots(self, table: RoutingTable) -> None:
+        """Give every backend of the table a slot, keeping existing ones, so
+        counters and balancer state follow a backend across tables."""
+        slots = self.slots()
+        fresh = [k for k in (slot_key(p.name, b) for p in table.pools for b in p.backends) if k not in slots]
+        if not fresh:
+            return
+        used = set(slots.values())
+        free = (i for i in range(MAX_BACKENDS) if i not in used)
+        for key in fresh:
+            slot = next(free, None)
+            if slot is None:
+                raise StateError(f"more than {MAX_BACKENDS} backend identities in {self.slots_file}")
+            slots[key] = slot
+        data = json.dumps({"slots": slots}, sort_keys=True, separators=(",", ":")).encode()
+        self._atomic_write(self.root, "slots.json", data, "slots")
 
     def _ensure_dirs(self) -> None:
         try:
@@ -250,6 +282,10 @@ class StateDir:
             with contextlib.suppress(OSError):
                 for p in directory.glob(".*.tmp.*"):
                     p.unlink()
+
+
+def slot_key(pool: str, backend: tablemod.Backend) -> str:
+    return f"{pool}\x00{backend.id}\x00{backend.address}\x00{backend.port}"
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -236,20 +236,22 @@ def test_torn_history_line_is_tolerated_and_not_glued(write, state):
 
 @pytest.fixture
 def crash_setup(tmp_path, tls_files):
-    """A state with v1 live (one certificate), and v2 (another certificate,
-    so an install of v2 writes secrets, a table, history and current)."""
+    """A state with v1 live, and v2 with another certificate and a new
+    backend, so an install of v2 writes secrets, a table, slots, history and
+    current."""
     v1 = tmp_path / "v1.yaml"
     v1.write_text(TLS.format(cert=tls_files["www_cert"], key=tls_files["www_key"], weight=1))
     v2 = tmp_path / "v2.yaml"
-    v2.write_text(TLS.format(cert=tls_files["api_cert"], key=tls_files["api_key"], weight=2))
+    v2.write_text(TLS.format(cert=tls_files["api_cert"], key=tls_files["api_key"], weight=2)
+                  + "      - {id: web-2, address: 127.0.0.1, port: 9102}\n")
     template = tmp_path / "template"
     assert lbc("apply", str(v1), "--state", str(template)).returncode == 0
     return template, v1, v2
 
 
 def test_fault_points_cover_every_write_step():
-    assert len(FAULT_POINTS) == 14
-    assert {p.split(".")[0] for p in FAULT_POINTS} == {"secret", "table", "history", "current"}
+    assert len(FAULT_POINTS) == 18
+    assert {p.split(".")[0] for p in FAULT_POINTS} == {"secret", "table", "slots", "history", "current"}
 
 
 @pytest.mark.parametrize("point", FAULT_POINTS)
@@ -278,11 +280,14 @@ def test_crash_at_random_moments(crash_setup, tmp_path):
     template, _, v2 = crash_setup
     compiled = service.compile_file(v2)
     # how long one install takes here, to spread the kills across it
-    probe = tmp_path / "probe"
-    shutil.copytree(template, probe)
-    start = time.perf_counter()
-    service.apply(compiled, StateDir(probe), argv="probe", lock_timeout=5)
-    duration = time.perf_counter() - start
+    durations = []
+    for i in range(5):
+        probe = tmp_path / f"probe{i}"
+        shutil.copytree(template, probe)
+        start = time.perf_counter()
+        service.apply(compiled, StateDir(probe), argv="probe", lock_timeout=5)
+        durations.append(time.perf_counter() - start)
+    duration = sorted(durations)[2]
 
     rng = random.Random(20261129)
     outcomes = {"old": 0, "new": 0, "finished": 0}
@@ -290,13 +295,18 @@ def test_crash_at_random_moments(crash_setup, tmp_path):
         state = tmp_path / f"s{i}"
         shutil.copytree(template, state)
         old = StateDir(state).current_version()
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
             try:
+                os.write(ready_w, b"x")  # the clock starts here, not at fork
                 service.apply(compiled, StateDir(state), argv="crash-test", lock_timeout=5)
             finally:
                 os._exit(0)
-        time.sleep(rng.uniform(0, duration * 1.2))
+        os.read(ready_r, 1)
+        os.close(ready_r)
+        os.close(ready_w)
+        time.sleep(rng.uniform(0, duration * 1.5))
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         if os.WIFEXITED(status):
