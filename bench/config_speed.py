@@ -53,7 +53,7 @@ def lbc_command() -> list[str]:
 
 def run(cmd: list[str], *, ok: tuple[int, ...] = (0,)) -> tuple[float, subprocess.CompletedProcess[bytes]]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.run(cmd, capture_output=True)
     elapsed = time.perf_counter() - start
     if proc.returncode not in ok:
         sys.stderr.write(proc.stderr.decode(errors="replace")[-4000:])
@@ -191,7 +191,7 @@ def bench(args: argparse.Namespace, work: Path) -> int:
           + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print()
 
-    plan_label = f"lbc plan VARIANT --state S"
+    plan_label = "lbc plan VARIANT --state S"
     commands = [
         ("python -c 'import lbc.cli'", [sys.executable, "-c", "import lbc.cli"]),
         ("lbc validate BIG", [*lbc, "validate", str(big)]),
@@ -213,6 +213,7 @@ def bench(args: argparse.Namespace, work: Path) -> int:
     for label, _ in commands:
         t = times[label]
         print(f"  {label:<{width}}  {fmt(min(t))}  {fmt(statistics.median(t))}  {fmt(max(t))}")
+    print("  load average after the runs: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     median = statistics.median(times[plan_label])
     verdict = "PASS" if median < args.target else "FAIL"
     print(f"\ntarget: `{plan_label}` median {median:.3f} s vs {args.target:.1f} s -> {verdict}"

@@ -120,13 +120,21 @@ def plan(
     raise typer.Exit(result.exit_code(detailed_exitcode))
 
 
+NoWait = Annotated[bool, typer.Option("--no-wait", help="Signal the workers but do not wait for them to serve it.")]
+WaitTimeout = Annotated[float, typer.Option("--wait-timeout", help="Seconds to wait for every worker to serve it.")]
+
+
 @app.command()
 def apply(
     file: Annotated[Path, typer.Argument(help="A YAML config, or a plan saved with `lbc plan --out`.")],
     state: StateOption = DEFAULT_STATE,
     lock_timeout: LockTimeout = 30.0,
+    no_wait: NoWait = False,
+    wait_timeout: WaitTimeout = 10.0,
 ) -> None:
-    """Validate, compile and install FILE as the live table, recording it in history."""
+    """Validate, compile and install FILE as the live table, recording it in
+    history; when workers run, swap it in and wait until every worker serves
+    it (on failure the previous table is put back)."""
     with _reported():
         saved = service.read_saved_plan(file)
         if saved is None:
@@ -135,7 +143,8 @@ def apply(
             base = None
         else:
             base, compiled = (saved[0],), saved[1]
-        result = service.apply(compiled, StateDir(state), argv=_argv(), lock_timeout=lock_timeout, saved_plan_base=base)
+        result = service.apply(compiled, StateDir(state), argv=_argv(), lock_timeout=lock_timeout,
+                               saved_plan_base=base, wait=not no_wait, ack_timeout=wait_timeout)
         typer.echo(result.render_text(), nl=False)
     raise typer.Exit(result.exit_code())
 
@@ -179,12 +188,58 @@ def rollback(
     version: Annotated[str | None, typer.Argument(help="Version or unique prefix; default: the previous one.")] = None,
     state: StateOption = DEFAULT_STATE,
     lock_timeout: LockTimeout = 30.0,
+    no_wait: NoWait = False,
+    wait_timeout: WaitTimeout = 10.0,
 ) -> None:
     """Make an earlier table live again, through the same install path as apply."""
     with _reported():
-        result = service.rollback(StateDir(state), version, argv=_argv(), lock_timeout=lock_timeout)
+        result = service.rollback(StateDir(state), version, argv=_argv(), lock_timeout=lock_timeout,
+                                  wait=not no_wait, ack_timeout=wait_timeout)
         typer.echo(result.render_text(), nl=False)
     raise typer.Exit(result.exit_code())
+
+
+@app.command()
+def up(
+    file: Annotated[Path | None, typer.Argument(help="Config to apply first; default: resume the live table.")] = None,
+    state: StateOption = DEFAULT_STATE,
+    foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached; Ctrl-C drains and stops.")] = False,
+    lock_timeout: LockTimeout = 30.0,
+) -> None:
+    """Start supervisord and the proxy workers, and return once every worker serves the table."""
+    with _reported():
+        store = StateDir(state)
+        result = service.up(store, file, foreground=foreground, argv=_argv(), lock_timeout=lock_timeout)
+        typer.echo(result.render_text(), nl=False)
+        if foreground:
+            typer.echo("Running in the foreground; Ctrl-C drains and stops.")
+            raise typer.Exit(service.wait_foreground(store, result))
+
+
+@app.command()
+def down(
+    state: StateOption = DEFAULT_STATE,
+    drain_timeout: Annotated[
+        float | None, typer.Option("--drain-timeout", help="Seconds in-flight requests may take (default: the table's).")
+    ] = None,
+) -> None:
+    """Stop accepting, let in-flight requests finish, stop the workers and supervisord."""
+    with _reported():
+        typer.echo(service.down(StateDir(state), drain_timeout))
+
+
+@app.command()
+def status(
+    state: StateOption = DEFAULT_STATE,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Processes, the table each worker serves, and per-backend counters."""
+    with _reported():
+        result = service.status(StateDir(state))
+        if as_json:
+            typer.echo(json.dumps(result.to_plain(), indent=2, sort_keys=True))
+        else:
+            typer.echo(result.render_text(), nl=False)
 
 
 def main() -> None:

@@ -6,21 +6,37 @@ the CLI and (later) the admin API, so every change takes the same path:
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import json
+import signal
 import socket
+import subprocess
+import time
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from lbc import shm
 from lbc import table as tablemod
 from lbc.compiler import compile_config
 from lbc.config import Config, load
 from lbc.errors import LbcError, StalePlan, StateError
 from lbc.plan import Plan, diff
-from lbc.state import HistoryRecord, StateDir, now_iso
+from lbc.state import HistoryRecord, StateDir, now_iso, slot_key
+from lbc.supervise import (
+    Ack,
+    Node,
+    enable_listener_migration,
+    probe_binds,
+    stop_wait_seconds,
+    terminate,
+    worker_count,
+)
 from lbc.table import RoutingTable
 
 SAVED_PLAN_KEY = "lbc_plan"
@@ -64,21 +80,40 @@ def compile_file(path: str | PathLike[str]) -> Compiled:
 
 
 @dataclass(frozen=True, slots=True)
+class Delivery:
+    """What the running workers did with an installed table."""
+
+    running: bool  # were workers running at all
+    waited: bool
+    acks: tuple[Ack, ...] = ()
+
+    def describe(self) -> str:
+        if not self.running:
+            return "no workers running"
+        if not self.waited:
+            return "workers signalled, not waiting for them (--no-wait)"
+        return f"{len(self.acks)} worker{'s' if len(self.acks) != 1 else ''} serving it"
+
+
+@dataclass(frozen=True, slots=True)
 class ApplyResult:
     plan: Plan
     installed: bool
     state: str
+    delivery: Delivery | None = None
 
     def render_text(self) -> str:
-        if not self.installed:
-            return self.plan.render_text()
-        return (
-            self.plan.render_text()
-            + f"\nInstalled table {self.plan.version[:12]} as current in {self.state} (no workers running).\n"
-        )
+        text = self.plan.render_text()
+        if self.installed and self.delivery is not None:
+            text += f"\nInstalled table {self.plan.version[:12]} as current in {self.state}; {self.delivery.describe()}.\n"
+        return text
 
     def exit_code(self) -> int:
         return 0
+
+
+class ApplyFailed(LbcError):
+    """Workers did not take the new table; the previous one is current again."""
 
 
 def plan_file(path: str | PathLike[str], state: StateDir) -> tuple[Plan, Compiled]:
@@ -152,10 +187,12 @@ def apply(
     lock_timeout: float,
     origin: str = "cli",
     saved_plan_base: tuple[str | None] | None = None,
+    wait: bool = True,
+    ack_timeout: float = 10.0,
 ) -> ApplyResult:
-    """Install `compiled` as the live table. From a saved plan
-    (`saved_plan_base` holds the version it was made against), refuse unless
-    that version is still the live one."""
+    """Install `compiled` as the live table and, when workers run, hand it to
+    them. From a saved plan (`saved_plan_base` holds the version it was made
+    against), refuse unless that version is still the live one."""
     with state.lock(argv, lock_timeout):
         base_version, base = state.current_table()
         if saved_plan_base is not None and saved_plan_base[0] != base_version:
@@ -166,11 +203,13 @@ def apply(
         if plan.empty:
             return ApplyResult(plan, installed=False, state=str(state.root))
         record = _record(compiled.version, base_version, "apply", origin, compiled.source, compiled.source_sha256, argv)
-        state.install(compiled.table, compiled.data, compiled.secrets, record)
-        return ApplyResult(plan, installed=True, state=str(state.root))
+        delivery = _install_and_deliver(state, compiled.table, compiled.data, compiled.secrets, record, base,
+                                        wait=wait, ack_timeout=ack_timeout)
+        return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery)
 
 
-def rollback(state: StateDir, target: str | None, *, argv: str, lock_timeout: float, origin: str = "cli") -> ApplyResult:
+def rollback(state: StateDir, target: str | None, *, argv: str, lock_timeout: float, origin: str = "cli",
+             wait: bool = True, ack_timeout: float = 10.0) -> ApplyResult:
     """Make an earlier table live again (default: the one before the live one)."""
     with state.lock(argv, lock_timeout):
         base_version, base = state.current_table()
@@ -186,8 +225,53 @@ def rollback(state: StateDir, target: str | None, *, argv: str, lock_timeout: fl
         if plan.empty:
             return ApplyResult(plan, installed=False, state=str(state.root))
         record = _record(version, base_version, "rollback", origin, None, None, argv)
-        state.install(table, tablemod.dump(table), {}, record)
-        return ApplyResult(plan, installed=True, state=str(state.root))
+        delivery = _install_and_deliver(state, table, tablemod.dump(table), {}, record, base,
+                                        wait=wait, ack_timeout=ack_timeout)
+        return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery)
+
+
+def _install_and_deliver(state: StateDir, table: RoutingTable, data: bytes, secrets: dict[str, bytes],
+                         record: HistoryRecord, base: RoutingTable | None, *, wait: bool,
+                         ack_timeout: float) -> Delivery:
+    """Install under the caller's lock; if workers run, signal them and wait
+    for each to serve the table. If any cannot, put the previous table back as
+    current (and signal again), so no worker, now or after a restart, serves
+    a table this apply reported as failed."""
+    node = Node(state)
+    running = node.running()
+    if running:
+        served = {x.socket_key for x in (base.listeners if base else ())}
+        problems = probe_binds(table, skip=served)
+        if problems:
+            raise LbcError("cannot listen; nothing was changed:\n  " + "\n  ".join(problems))
+    state.install(table, data, secrets, record)
+    if not running:
+        return Delivery(running=False, waited=False)
+    try:
+        if base is None or worker_count(base) != worker_count(table):
+            node.set_worker_count(table)
+        node.signal_workers()
+        if not wait:
+            return Delivery(running=True, waited=False)
+        acks = tuple(node.wait_for(record.version, ack_timeout))
+    except LbcError as e:
+        why = str(e)
+    else:
+        failed = [a for a in acks if not a.ok]
+        if not failed:
+            return Delivery(running=True, waited=True, acks=acks)
+        why = "; ".join(f"{a.process} (pid {a.pid}) {a.detail}" for a in failed)
+    if base is None or record.previous is None:
+        raise ApplyFailed(f"table {record.version[:12]} is installed, but not every worker serves it: {why}")
+    revert = _record(record.previous, record.version, "revert", record.origin, None, None, record.argv)
+    state.install(base, tablemod.dump(base), {}, revert)
+    with contextlib.suppress(LbcError):  # best effort: the error above is what the user needs
+        if worker_count(base) != worker_count(table):
+            node.set_worker_count(base)
+        node.signal_workers()
+        node.wait_for(record.previous, ack_timeout)
+    raise ApplyFailed(f"not every worker could serve table {record.version[:12]}: {why}; "
+                      f"table {record.previous[:12]} is current again")
 
 
 def _previous(state: StateDir, live: str | None) -> str:
@@ -211,3 +295,196 @@ def _record(version: str, previous: str | None, command: str, origin: str, sourc
         who=f"{getpass.getuser()}@{socket.gethostname()}",
         argv=argv,
     )
+
+
+# -- running a node -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UpResult:
+    version: str
+    table: RoutingTable
+    acks: tuple[Ack, ...]
+    supervisord: subprocess.Popen | None  # in the foreground, the child to wait on
+
+    def render_text(self) -> str:
+        lines = [f"lbc is up: table {self.version[:12]}, {len(self.acks)} worker{'s' if len(self.acks) != 1 else ''}."]
+        for x in self.table.listeners:
+            scheme = {"http": "http://", "https": "https://"}.get(x.protocol, "")
+            lines.append(f"  {x.name:<16} {x.protocol:<16} {scheme}{x.bind}")
+        return "\n".join(lines) + "\n"
+
+
+def up(state: StateDir, file: str | PathLike[str] | None, *, foreground: bool, argv: str, lock_timeout: float,
+       ack_timeout: float = 15.0) -> UpResult:
+    """Start supervisord and the workers on FILE (applied first) or, without
+    FILE, on the state's current table; return once every worker serves it."""
+    node = Node(state)
+    pid = node.supervisord_pid()
+    if pid is not None:
+        raise LbcError(f"lbc already runs for {state.root} (supervisord pid {pid}): "
+                       "change its table with lbc apply, stop it with lbc down")
+    orphans = node.orphans()
+    if orphans:
+        raise LbcError(f"workers of an earlier run of {state.root} are still alive (pid {', '.join(map(str, orphans))}) "
+                       "and hold its listeners: stop them (kill the pids) and run lbc up again")
+    compiled = compile_file(file) if file is not None else None
+    if compiled is not None:
+        table = compiled.table
+    else:
+        _, table = state.current_table()
+        if table is None:
+            raise LbcError(f"nothing to serve: {state.root} has no table yet; run lbc up FILE")
+    problems = probe_binds(table)
+    if problems:
+        raise LbcError("cannot listen; nothing was started:\n  " + "\n  ".join(problems))
+    if compiled is not None:
+        apply(compiled, state, argv=argv, lock_timeout=lock_timeout)
+    version, table = state.current_table()
+    enable_listener_migration()
+    proc = node.start(table, foreground)
+    acks = tuple(node.wait_for(version, ack_timeout))
+    failed = [a for a in acks if not a.ok]
+    if failed:
+        why = "; ".join(f"{a.process} {a.detail}" for a in failed)
+        with contextlib.suppress(LbcError):
+            node.shutdown(timeout=30)
+        raise LbcError(f"workers did not start serving {version[:12]}: {why}; stopped again "
+                       f"(see the logs in {node.run})")
+    return UpResult(version, table, acks, proc)
+
+
+def wait_foreground(state: StateDir, result: UpResult) -> int:
+    """Stay attached to a foreground supervisord until it exits; SIGINT or
+    SIGTERM to lbc drains the workers and stops it."""
+    node = Node(state)
+    proc = result.supervisord
+    stopping = False
+
+    def stop(signum, frame) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            with contextlib.suppress(LbcError):
+                node.shutdown(timeout=stop_wait_seconds(result.table) + 10)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def down(state: StateDir, drain_timeout: float | None) -> str:
+    """Stop accepting, let in-flight requests finish (up to the drain
+    timeout), stop the workers and supervisord."""
+    node = Node(state)
+    if node.supervisord_pid() is None:
+        orphans = node.orphans()
+        if orphans:
+            terminate(orphans)
+            return f"supervisord was gone; sent SIGTERM to leftover workers {', '.join(map(str, orphans))}"
+        raise LbcError(f"lbc is not running for {state.root}")
+    _, table = state.current_table()
+    wait = stop_wait_seconds(table) if table is not None else 35
+    if drain_timeout is not None:
+        memory = shm.Shm(node.shm_file, writable=True)
+        try:
+            memory.set_drain_override_ms(int(drain_timeout * 1000))
+        finally:
+            memory.close()
+        wait = drain_timeout + 5
+    node.shutdown(timeout=wait + 10)
+    return f"lbc stopped for {state.root}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessStatus:
+    name: str
+    state: str
+    pid: int
+    uptime_s: float
+    serving: str  # table version the worker reports ("" for others)
+    error: str
+    rss_bytes: int
+    cpu_percent: float
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStatus:
+    pool: str
+    id: str
+    address: str
+    port: int
+    enabled: bool
+    active: int
+    requests: int
+    failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    state: str
+    running: bool
+    supervisord_pid: int | None
+    live_version: str | None
+    processes: tuple[ProcessStatus, ...]
+    backends: tuple[BackendStatus, ...]
+
+    def render_text(self) -> str:
+        out = [f"state:     {self.state}",
+               f"running:   {f'yes (supervisord pid {self.supervisord_pid})' if self.running else 'no'}",
+               f"live:      {self.live_version[:12] if self.live_version else '(nothing installed)'}"]
+        if self.processes:
+            out += ["", f"{'PROCESS':<12} {'STATE':<9} {'PID':>7} {'UPTIME':>8} {'SERVES':<12} {'RSS':>9} {'CPU%':>5}"]
+            for p in self.processes:
+                out.append(f"{p.name:<12} {p.state:<9} {p.pid:>7} {p.uptime_s:>7.0f}s {p.serving[:12]:<12} "
+                           f"{p.rss_bytes / 2**20:>7.1f}MB {p.cpu_percent:>5.1f}" + (f"  error: {p.error}" if p.error else ""))
+        if self.backends:
+            out += ["", f"{'POOL':<16} {'BACKEND':<16} {'ADDRESS':<24} {'ACTIVE':>6} {'REQUESTS':>10} {'FAILURES':>8}"]
+            for b in self.backends:
+                address = f"[{b.address}]:{b.port}" if ":" in b.address else f"{b.address}:{b.port}"
+                out.append(f"{b.pool:<16} {b.id:<16} {address:<24} {b.active:>6} {b.requests:>10} {b.failures:>8}"
+                           + ("" if b.enabled else "  (disabled)"))
+        return "\n".join(out) + "\n"
+
+    def to_plain(self) -> dict[str, Any]:
+        return tablemod.to_plain(self)
+
+
+def status(state: StateDir) -> NodeStatus:
+    node = Node(state)
+    live, table = state.current_table()
+    running = node.running()
+    processes: list[ProcessStatus] = []
+    backends: list[BackendStatus] = []
+    memory = shm.Shm(node.shm_file) if running and node.shm_file.exists() else None
+    try:
+        if running:
+            now = time.time()
+            for p in node.processes():
+                info = memory.read_worker(p.slot) if memory is not None and p.slot is not None else None
+                rss, cpu = 0, 0.0
+                if p.pid:
+                    with contextlib.suppress(psutil.Error):
+                        proc = psutil.Process(p.pid)
+                        rss, cpu = proc.memory_info().rss, proc.cpu_percent(interval=0.05)
+                processes.append(ProcessStatus(
+                    p.name, p.state, p.pid, now - p.started if p.pid else 0.0,
+                    info.version if info else "", info.error if info and info.attempted != info.version else "",
+                    rss, cpu))
+        if table is not None:
+            slots = state.slots()
+            workers = [p.slot for p in node.workers()] if running else []
+            for pool in table.pools:
+                for b in pool.backends:
+                    total = shm.BackendCounters()
+                    if memory is not None:
+                        total = memory.backend_totals(slots[slot_key(pool.name, b)], workers)
+                    backends.append(BackendStatus(pool.name, b.id, b.address, b.port, b.enabled,
+                                                  total.active, total.requests, total.failures))
+    finally:
+        if memory is not None:
+            memory.close()
+    return NodeStatus(str(state.root), running, node.supervisord_pid(), live, tuple(processes), tuple(backends))

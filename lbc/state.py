@@ -44,8 +44,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lbc import table as tablemod
-from lbc.shm import MAX_BACKENDS
 from lbc.errors import LockTimeout, StateError, UnknownVersion
+from lbc.shm import MAX_BACKENDS
 from lbc.table import RoutingTable
 
 FAULT_POINTS = tuple(

@@ -146,6 +146,12 @@ class Listener:
     def bind(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    @property
+    def socket_key(self) -> tuple[str, str, int]:
+        """What its listening socket is: transport, host, port (TCP and UDP
+        may share a port; a protocol change on one socket keeps the socket)."""
+        return ("udp" if self.protocol == "udp" else "tcp", self.host, self.port)
+
     def pools_used(self) -> tuple[str, ...]:
         names = [r.pool for r in self.routes] + ([self.pool] if self.pool else [])
         return tuple(dict.fromkeys(names))

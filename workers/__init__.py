@@ -1,0 +1,1 @@
+"""lbc's data plane: the processes supervisord runs (installed as lbc_workers)."""

@@ -1,0 +1,689 @@
+"""HTTP/1.1 reverse proxying over asyncio Protocols (uvloop) with httptools.
+
+One HttpClient per client connection, one Upstream per backend connection;
+idle Upstreams are pooled per backend and reused (keep-alive both sides).
+
+The client connection's state machine:
+
+    HEAD ──head complete──▶ CONNECTING ──upstream ready──▶ FORWARDING
+     ▲                          │ (pooled upstream: straight to FORWARDING)
+     │                          ▼
+     └──response done, keep-alive── FORWARDING ──101──▶ TUNNEL
+                                    any error ──▶ CLOSED
+
+- HEAD: bytes accumulate until CRLFCRLF. The first byte of a head starts an
+  absolute deadline (client_header timeout, 408) that more bytes never
+  extend. An empty buffer between requests is idle (idle timeout, closed
+  quietly). The head goes through llhttp (a fresh parser per request, fed the
+  head only, so pipelined bytes and bodies never desynchronize it) and then
+  h1.parse_request_head.
+- The request captures the live Router when its head completes; the next
+  request on the same connection takes whatever is live then. A reload never
+  closes a client connection.
+- Bodies stream both ways with backpressure: a full upstream write buffer
+  pauses reading from the client and a full client buffer pauses reading
+  from the backend. Request bodies are counted (Content-Length) or decoded
+  and re-framed (chunked); response bytes pass through unparsed while a
+  per-response llhttp parser finds where the response ends.
+- Pipelined requests wait in the buffer (reading pauses) until the response
+  before them is done, so responses stay in order.
+- Timeouts are deadlines on the connection, checked by the worker's sweep
+  about once a second (no timer per read).
+- A request that fails before the backend sent any byte of a response is
+  retried once on a fresh connection when that is safe: always when the
+  connection failed to open, and for idempotent methods when a reused
+  pooled connection turned out to be closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import httptools
+from lbc_workers.proxy import h1
+from lbc_workers.proxy.chunked import ChunkedDecoder, ChunkError
+
+if TYPE_CHECKING:
+    from lbc_workers.proxy.router import BackendRuntime, ListenerRuntime, PoolRuntime
+    from lbc_workers.proxy.worker import Worker
+
+HEAD, CONNECTING, FORWARDING, TUNNEL, CLOSED = range(5)
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+MAX_PENDING = 256 * 1024  # body bytes buffered while connecting, before reading pauses
+MAX_RESPONSE_HEAD = 64 * 1024
+MAX_IDLE_PER_BACKEND = 64
+
+
+class _HeadParse:
+    """llhttp callbacks for one request head: only the URL is needed."""
+
+    __slots__ = ("url",)
+
+    def __init__(self) -> None:
+        self.url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+
+class _ResponseEnd:
+    """llhttp callbacks for one response: only where it ends, and whether
+    the backend keeps the connection (read inside on_message_complete: after
+    feed_data returns, llhttp always says False)."""
+
+    __slots__ = ("done", "keep_alive", "parser")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.keep_alive = False
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+        self.keep_alive = self.parser.should_keep_alive()
+
+
+class Upstream(asyncio.Protocol):
+    """A connection to a backend. Between requests it sits in the backend's
+    idle list; while a request uses it, `owner` is that client."""
+
+    __slots__ = ("worker", "backend", "transport", "owner", "closed", "idle_since")
+
+    def __init__(self, worker: Worker, backend: BackendRuntime) -> None:
+        self.worker = worker
+        self.backend = backend
+        self.transport: asyncio.Transport | None = None
+        self.owner = None
+        self.closed = False
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        owner = self.owner
+        if owner is None:
+            self.transport.abort()  # bytes nobody asked for: the connection is unusable
+        else:
+            owner.upstream_data(data)
+
+    def eof_received(self) -> bool:
+        owner = self.owner
+        if owner is not None:
+            return owner.upstream_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        backend = self.backend
+        backend.busy.discard(self)
+        if self.owner is not None:
+            self.owner.upstream_lost(self)
+        else:
+            try:
+                backend.idle.remove(self)
+            except ValueError:
+                pass
+
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.pause_reading("upstream")
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.resume_reading("upstream")
+
+
+def acquire_idle(backend: BackendRuntime) -> Upstream | None:
+    idle = backend.idle
+    while idle:
+        up = idle.pop()
+        if not up.closed:
+            return up
+    return None
+
+
+def release(up: Upstream, reusable: bool) -> None:
+    backend = up.backend
+    backend.busy.discard(up)
+    up.owner = None
+    if reusable and not up.closed and backend.removed_at is None and backend.enabled:
+        idle = backend.idle
+        if len(idle) >= MAX_IDLE_PER_BACKEND:
+            idle.pop(0).transport.close()
+        up.idle_since = up.worker.loop.time()
+        idle.append(up)
+    elif not up.closed:
+        up.transport.close()
+
+
+class HttpClient(asyncio.Protocol):
+    """One client connection to an http listener."""
+
+    __slots__ = (
+        "worker", "key", "listener", "transport", "peer", "state", "buf", "deadline", "deadline_status",
+        "paused", "closing", "eof", "req", "pool", "backend", "up", "reused", "attempts", "pending",
+        "pending_bytes", "body_left", "chunks", "req_done", "resp", "resp_buf", "resp_started",
+        "resp_close_delimited", "resp_bytes", "router", "tunnel_eof",
+    )
+
+    def __init__(self, worker: Worker, key) -> None:
+        self.worker = worker
+        self.key = key
+        self.listener: ListenerRuntime | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer = b""
+        self.state = HEAD
+        self.buf = bytearray()
+        self.deadline = 0.0
+        self.deadline_status = 0  # 0: close quietly; else the error status to send
+        self.paused: set[str] = set()
+        self.closing = False  # close after the current response
+        self.eof = False
+        self.req: h1.Request | None = None
+        self.up: Upstream | None = None
+        self.backend: BackendRuntime | None = None
+        self.tunnel_eof = 0
+        self.req_done = True
+        self.resp_started = False
+
+    # -- asyncio callbacks: client side ---------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0].encode() if peer else b""
+        self.listener = self.worker.router.listeners.get(self.key)
+        self.worker.clients.add(self)
+        self.worker.connections_opened += 1
+        # Before the first byte, a silent connection gets the header timeout.
+        self.deadline = self.worker.loop.time() + (self.listener.header_s if self.listener else 1.0)
+        self.deadline_status = 408
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state == HEAD:
+            if not self.buf:
+                self.deadline = self.worker.loop.time() + self.listener.header_s
+                self.deadline_status = 408
+            self.buf += data
+            self._heads()
+        elif state == TUNNEL:
+            self.up.transport.write(data)
+            self.deadline = self.worker.loop.time() + self.listener.idle_s
+        elif not self.req_done:
+            self._body(data)
+        else:
+            # Pipelined: the next request waits until this response is done.
+            self.buf += data
+            if len(self.buf) > self.listener.rules.max_head:
+                self.pause_reading("pipeline")
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.state == TUNNEL:
+            self.tunnel_eof |= 1
+            if self.up is not None and not self.up.closed and self.up.transport.can_write_eof():
+                self.up.transport.write_eof()
+            return self.tunnel_eof != 3
+        if self.state == HEAD and not self.buf:
+            return False  # closes
+        return True  # finish the response in flight, then close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = CLOSED
+        self.worker.clients.discard(self)
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.owner = None
+            up.backend.busy.discard(up)
+            if not up.closed:
+                up.transport.abort()  # its response was not read to the end
+        self._release_backend()
+
+    def pause_writing(self) -> None:
+        if self.up is not None and not self.up.closed:
+            self.up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up is not None and not self.up.closed:
+            self.up.transport.resume_reading()
+
+    def pause_reading(self, why: str) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused.add(why)
+
+    def resume_reading(self, why: str) -> None:
+        if why in self.paused:
+            self.paused.discard(why)
+            if not self.paused and self.state != CLOSED:
+                self.transport.resume_reading()
+
+    # -- request heads -----------------------------------------------------------
+
+    def _heads(self) -> None:
+        """Start the next request if its head is complete."""
+        buf = self.buf
+        while buf[:2] == b"\r\n":  # RFC 9112 2.2: ignore empty lines before a request
+            del buf[:2]
+        end = buf.find(b"\r\n\r\n")
+        listener = self.listener
+        rules = listener.rules
+        if end < 0:
+            if not buf:
+                self.deadline = self.worker.loop.time() + listener.idle_s
+                self.deadline_status = 0
+                return
+            first = buf.find(b"\r\n")
+            if (first < 0 and len(buf) > rules.max_request_line) or first > rules.max_request_line:
+                self._reject(414, "request line too long")
+            elif len(buf) > rules.max_head:
+                self._reject(431, "request head too large")
+            elif b"\n\n" in buf or b"\r\r" in buf:
+                self._reject(400, "bad line ending")
+            return
+        raw = bytes(buf[: end + 4])
+        del buf[: end + 4]
+        # The live router, and this listener in it; the request keeps both.
+        router = self.worker.router
+        listener = router.listeners.get(self.key)
+        if listener is None or listener.protocol not in ("http", "https"):
+            self.transport.close()  # the listener was removed: close between requests
+            return
+        self.listener = listener
+        cb = _HeadParse()
+        parser = httptools.HttpRequestParser(cb)
+        try:
+            parser.feed_data(raw)
+        except httptools.HttpParserUpgrade:
+            pass  # Upgrade requests are handled from the head below
+        except httptools.HttpParserError:
+            self._reject(400, "malformed request")
+            return
+        method = parser.get_method()
+        if method == b"CONNECT":
+            self._reject(400, "CONNECT is not supported")
+            return
+        worker = self.worker
+        try:
+            req = h1.parse_request_head(raw, method, cb.url, parser.get_http_version().encode(), listener.rules,
+                                        self.peer, worker.next_request_id())
+        except h1.HeadError as e:
+            self._reject(e.status, e.reason)
+            return
+        worker.requests += 1
+        self.req = req
+        self.router = router
+        self.closing = self.closing or not req.keep_alive
+        max_body = listener.spec.limits.max_body
+        if max_body and req.framing == h1.LENGTH and req.length > max_body:
+            self._reject(413, "request body too large")
+            return
+        self.body_left = req.length if req.framing == h1.LENGTH else 0
+        self.chunks = ChunkedDecoder() if req.framing == h1.CHUNKED else None
+        self.req_done = req.framing == h1.NO_BODY
+        self.pending = []
+        self.pending_bytes = 0
+        self.attempts = 0
+        self.resp = None
+        self.resp_buf = bytearray()
+        self.resp_started = False
+        self.resp_bytes = 0
+        pool = listener.route(req)
+        if pool is None:
+            self._respond_error(404)
+            return
+        self.pool = pool
+        self.state = CONNECTING
+        self.deadline = worker.loop.time() + listener.connect_s + listener.response_s
+        self.deadline_status = 504
+        if self.buf and not self.req_done:
+            data = bytes(self.buf)
+            self.buf.clear()
+            self._body(data)
+            if self.state == CLOSED:
+                return
+        self._dispatch()
+
+    def _reject(self, status: int, reason: str) -> None:
+        self.worker.rejected += 1
+        self._respond_error(status, close=True)
+
+    # -- request bodies ------------------------------------------------------------
+
+    def _body(self, data: bytes) -> None:
+        """Body bytes from the client: forward (or hold while connecting);
+        bytes past the end of the body belong to the next request."""
+        if self.chunks is not None:
+            try:
+                out, used = self.chunks.feed(data)
+            except ChunkError:
+                self._respond_error(400, close=True)
+                return
+            max_body = self.listener.spec.limits.max_body
+            if max_body and self.chunks.total > max_body:
+                self._respond_error(413, close=True)
+                return
+            rest = data[used:]
+            done = self.chunks.done
+        else:
+            n = self.body_left
+            out, rest = (data, b"") if len(data) <= n else (data[:n], data[n:])
+            self.body_left -= len(out)
+            done = self.body_left == 0
+        if out:
+            self._to_upstream(out)
+        if done:
+            self.req_done = True
+        if rest:
+            self.buf += rest
+            if len(self.buf) > self.listener.rules.max_head:
+                self.pause_reading("pipeline")
+
+    def _to_upstream(self, data: bytes) -> None:
+        up = self.up
+        if up is not None and self.state == FORWARDING:
+            up.transport.write(data)
+            self.pending = None  # sent without a copy: no replay
+            self.deadline = self.worker.loop.time() + self.listener.response_s
+        else:
+            self.pending.append(data)
+            self.pending_bytes += len(data)
+            if self.pending_bytes > MAX_PENDING:
+                self.pause_reading("connecting")
+
+    # -- upstream -------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        pool: PoolRuntime = self.pool
+        backend = pool.pick(pool.key_for(self.req, self.peer) if pool.hash_key else None)
+        if backend is None:
+            if pool.members:
+                # Every backend is at max_connections: wait for a free one,
+                # up to the connect timeout (the sweep answers 503 after it).
+                self.deadline = self.worker.loop.time() + self.listener.connect_s
+                self.deadline_status = 503
+                self.worker.wait_for_backend(pool.name, self)
+            else:
+                self._respond_error(503)
+            return
+        self.backend = backend
+        backend.active += 1
+        backend.requests += 1
+        self.worker.dirty.add(backend)
+        up = acquire_idle(backend)
+        if up is not None:
+            self._attach(up, reused=True)
+        else:
+            self.worker.loop.create_task(self._connect(backend))
+
+    async def _connect(self, backend: BackendRuntime) -> None:
+        worker = self.worker
+        try:
+            _, up = await asyncio.wait_for(
+                worker.loop.create_connection(lambda: Upstream(worker, backend), backend.address, backend.port),
+                self.listener.connect_s,
+            )
+        except (TimeoutError, OSError) as e:
+            if self.state != CONNECTING or self.backend is not backend:
+                return
+            self._upstream_failed(504 if isinstance(e, asyncio.TimeoutError) else 502, sent=False)
+            return
+        if self.state != CONNECTING or self.backend is not backend:
+            release(up, reusable=True)  # the client went away meanwhile
+            return
+        self._attach(up, reused=False)
+
+    def waiting_for_backend(self) -> bool:
+        return self.state == CONNECTING and self.backend is None and self.up is None
+
+    def retry_dispatch(self) -> None:
+        self.deadline = self.worker.loop.time() + self.listener.connect_s + self.listener.response_s
+        self.deadline_status = 504
+        self._dispatch()
+
+    def _attach(self, up: Upstream, reused: bool) -> None:
+        self.up = up
+        self.reused = reused
+        up.owner = self
+        self.backend.busy.add(up)
+        self.state = FORWARDING
+        self.deadline = self.worker.loop.time() + self.listener.response_s
+        self.deadline_status = 504
+        write = up.transport.write
+        write(self.req.head)
+        for piece in self.pending:
+            write(piece)
+        if not self.req_done:
+            self.pending = None  # the rest streams straight through: no replay
+        self.resume_reading("connecting")
+
+    def _upstream_failed(self, status: int, sent: bool) -> None:
+        """The backend connection failed before any byte of a response. Retry
+        once, on a fresh connection, when the whole request can be replayed and
+        sending it twice is safe."""
+        failed = self.backend
+        failed.failures += 1
+        self._release_backend()
+        self.up = None
+        if self.attempts == 0 and self.pending is not None and (not sent or self.req.method in IDEMPOTENT):
+            self.attempts += 1
+            self.state = CONNECTING
+            pool = self.pool
+            backend = pool.pick(pool.key_for(self.req, self.peer) if pool.hash_key else None)
+            if backend is failed and len(pool.members) > 1:
+                backend = pool.pick(None)
+            if backend is not None:
+                self.backend = backend
+                backend.active += 1
+                backend.requests += 1
+                self.worker.dirty.add(backend)
+                self.worker.loop.create_task(self._connect(backend))
+                return
+        self._respond_error(status)
+
+    def upstream_data(self, data: bytes) -> None:
+        self.deadline = self.worker.loop.time() + self.listener.response_s
+        if self.state == TUNNEL:
+            self.transport.write(data)
+            return
+        self.resp_bytes += len(data)
+        if self.resp is None:
+            self.resp_buf += data
+            self._response_head()
+            return
+        self.transport.write(data)
+        self._feed_response(data)
+
+    def _response_head(self) -> None:
+        buf = self.resp_buf
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_RESPONSE_HEAD:
+                    self._backend_broken(502)
+                return
+            raw = bytes(buf[: end + 4])
+            rest = bytes(buf[end + 4 :])
+            if raw[:7] != b"HTTP/1." or raw[8:9] != b" " or not raw[9:12].isdigit():
+                self._backend_broken(502)
+                return
+            status = int(raw[9:12])
+            if 100 <= status < 200 and status != 101:
+                self.transport.write(raw)  # interim (100 Continue, 103): pass on, wait for the final one
+                del buf[: end + 4]
+                continue
+            break
+        self.resp_buf = bytearray()
+        self.resp_started = True
+        req = self.req
+        upgrade = status == 101 and req.upgrade
+        resp = _ResponseEnd()
+        self.resp = resp
+        try:
+            resp.parser.feed_data(raw)
+        except httptools.HttpParserUpgrade:
+            pass
+        except httptools.HttpParserError:
+            self._backend_broken(502)
+            return
+        low = raw.lower()
+        self.resp_close_delimited = (
+            not upgrade and status not in (204, 304) and req.method != b"HEAD"
+            and b"\r\ncontent-length:" not in low and b"\r\ntransfer-encoding:" not in low
+        )
+        if self.resp_close_delimited or not self.req_done:
+            self.closing = True
+        if self.worker.draining or self.router is not self.worker.router and self.key not in self.worker.router.listeners:
+            self.closing = True
+        if upgrade:
+            connection = None
+        elif self.closing:
+            connection = b"close"
+        elif req.version == b"1.0":
+            connection = b"keep-alive"
+        else:
+            connection = None
+        self.transport.write(h1.lower_response_head(raw, self.listener.response_add, upgrade, connection))
+        if upgrade:
+            self.state = TUNNEL
+            self.deadline = self.worker.loop.time() + self.listener.idle_s
+            self.deadline_status = 0
+            if rest:
+                self.transport.write(rest)
+            return
+        if req.method == b"HEAD" or status in (204, 304):
+            resp.done, resp.keep_alive = True, b"\r\nconnection: close" not in low
+            self._response_done()
+            return
+        if rest:
+            self.transport.write(rest)
+            self._feed_response(rest)
+        elif resp.done:
+            self._response_done()
+
+    def _feed_response(self, data: bytes) -> None:
+        resp = self.resp
+        try:
+            resp.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._backend_broken(None)
+            return
+        if resp.done:
+            self._response_done()
+
+    def upstream_eof(self) -> bool:
+        if self.state == TUNNEL:
+            self.tunnel_eof |= 2
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            return self.tunnel_eof != 3
+        return False
+
+    def upstream_lost(self, up: Upstream) -> None:
+        if up is not self.up:
+            return
+        if self.state == TUNNEL:
+            self.up = None
+            self._release_backend()
+            self.transport.close()
+        elif self.resp is None:
+            if self.resp_bytes:  # part of a head: nothing to retry safely
+                self._backend_broken(502)
+            else:
+                self._upstream_failed(502, sent=True)
+        elif self.resp_close_delimited:
+            self.resp.done, self.resp.keep_alive = True, False
+            self._response_done()
+        else:
+            self._backend_broken(None)  # cut off mid-body: the client cannot be told otherwise
+
+    def _backend_broken(self, status: int | None) -> None:
+        """The backend misbehaved: drop its connection; answer `status` if
+        nothing of the response reached the client yet, else cut the client."""
+        up = self.up
+        self.up = None
+        if up is not None:
+            up.owner = None
+            up.backend.busy.discard(up)
+            up.transport.abort()
+        if self.backend is not None:
+            self.backend.failures += 1
+        self._release_backend()
+        if status is not None and not self.resp_started:
+            self._respond_error(status, close=True)
+        else:
+            self.state = CLOSED
+            self.transport.abort()
+
+    def _response_done(self) -> None:
+        up = self.up
+        self.up = None
+        if up is not None:
+            release(up, reusable=self.resp.keep_alive and self.req_done and not up.closed)
+        self._release_backend()
+        self._next_request()
+
+    def _release_backend(self) -> None:
+        backend = self.backend
+        if backend is not None:
+            self.backend = None
+            backend.active -= 1
+            self.worker.dirty.add(backend)
+            self.worker.backend_freed(backend)
+
+    def _next_request(self) -> None:
+        self.req = None
+        self.resp = None
+        if self.closing or self.eof or self.worker.draining:
+            self.state = CLOSED
+            self.transport.close()
+            return
+        self.state = HEAD
+        self.resume_reading("pipeline")
+        self._heads()
+
+    # -- errors and timeouts -----------------------------------------------------------
+
+    def _respond_error(self, status: int, close: bool = False) -> None:
+        if self.state == CLOSED:
+            return
+        req = self.req
+        rid = req.request_id if req is not None else b""
+        # Unread request body bytes would be taken for the next request: close.
+        close = close or self.closing or self.eof or (req is not None and not self.req_done)
+        self.transport.write(h1.error_response(status, close, rid))
+        self._release_backend()
+        self.up = None
+        if close:
+            self.state = CLOSED
+            self.transport.close()
+        else:
+            self._next_request()
+
+    def on_timeout(self) -> None:
+        """The sweep found this connection past its deadline."""
+        state = self.state
+        if state == HEAD and not self.buf or state == TUNNEL:
+            self.state = CLOSED
+            self.transport.close()
+            if self.up is not None:
+                self.up.transport.close()
+        elif state == HEAD:
+            self._reject(408, "request head timeout")
+        else:
+            self._backend_broken(self.deadline_status or 504)
+
+    def idle(self) -> bool:
+        return self.state == HEAD and not self.buf
+
+    def close_if_idle(self) -> bool:
+        if self.idle():
+            self.state = CLOSED
+            self.transport.close()
+            return True
+        self.closing = True
+        return False

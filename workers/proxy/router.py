@@ -1,0 +1,229 @@
+"""The worker's view of one routing table: listeners with compiled routes,
+pools with their balancers, and backend runtimes with live counters.
+
+A reload builds a new Router beside the old one and the worker flips one
+reference. Backend runtimes are keyed by identity (pool, id, address, port)
+and carried from the old Router to the new one, so active counts, counters,
+pooled connections and the smooth-round-robin state survive a swap; so does
+each pool's balancer while its algorithm stays the same. A request (or a TCP
+connection, or a UDP session) holds the Router it started with.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+from collections.abc import Iterable
+
+from lbc_workers import balance
+from lbc_workers.proxy.h1 import HeadRules, Request
+
+from lbc import table as tablemod
+from lbc.state import slot_key
+
+BindKey = tuple[str, str, int]  # transport ("tcp" or "udp"), host, port: Listener.socket_key
+
+class BackendRuntime:
+    """One backend as this worker sees it; also a balance.Member."""
+
+    __slots__ = (
+        "key", "id", "pool", "address", "port", "weight", "limit", "enabled", "slot",
+        "active", "swrr", "requests", "failures", "bytes_in", "bytes_out",
+        "idle", "busy", "removed_at", "drain_ms",
+    )
+
+    def __init__(self, key: str, pool: str, spec: tablemod.Backend, slot: int) -> None:
+        self.key = key
+        self.pool = pool
+        self.id = spec.id
+        self.address = spec.address
+        self.port = spec.port
+        self.slot = slot
+        self.active = 0
+        self.swrr = 0
+        self.requests = self.failures = self.bytes_in = self.bytes_out = 0
+        self.idle: list = []  # pooled idle upstream connections (LIFO)
+        self.busy: set = set()  # upstream connections carrying a request or a tunnel
+        self.removed_at: float | None = None
+        self.drain_ms = 0
+        self.update(spec, 1, 0)
+
+    def update(self, spec: tablemod.Backend, workers: int, drain_ms: int) -> None:
+        self.weight = spec.weight
+        self.enabled = spec.enabled
+        # max_connections is per node; with N workers and no shared counter,
+        # each worker takes ceil(max/N).
+        self.limit = math.ceil(spec.max_connections / workers) if spec.max_connections else 0
+        self.drain_ms = drain_ms
+        self.removed_at = None
+
+    def counters(self) -> tuple[int, int, int, int, int]:
+        return (self.active, self.requests, self.failures, self.bytes_in, self.bytes_out)
+
+
+class PoolRuntime:
+    __slots__ = ("name", "spec", "balancer", "backends", "members", "hash_key")
+
+    def __init__(self, spec: tablemod.Pool, backends: tuple[BackendRuntime, ...], balancer: balance.Balancer) -> None:
+        self.name = spec.name
+        self.spec = spec
+        self.backends = backends
+        self.members = tuple(b for b in backends if b.enabled)
+        self.balancer = balancer
+        self.hash_key = spec.hash_key
+
+    def pick(self, key: bytes | None = None) -> BackendRuntime | None:
+        return self.balancer.pick(self.members, key)
+
+    def key_for(self, request: Request | None, client_ip: bytes) -> bytes | None:
+        """The hashing key of a request (or connection) for hashing pools."""
+        kind = self.hash_key
+        if kind is None:
+            return None
+        if kind == "source_ip" or request is None:
+            return client_ip
+        if kind == "uri":
+            return request.target
+        name, _, arg = kind.partition(":")
+        if name == "header":
+            return request.header(arg.lower().encode())
+        cookies = request.header(b"cookie")
+        return cookie_value(cookies, arg.encode()) if cookies else None
+
+
+def cookie_value(header: bytes, name: bytes) -> bytes | None:
+    for part in header.split(b";"):
+        k, sep, v = part.strip().partition(b"=")
+        if sep and k == name:
+            return v
+    return None
+
+
+class CompiledRoute:
+    __slots__ = ("host", "suffix", "prefix", "regex", "methods", "headers", "pool")
+
+    def __init__(self, spec: tablemod.Route, pool: PoolRuntime) -> None:
+        m = spec.match
+        self.pool = pool
+        self.host = self.suffix = self.prefix = self.regex = None
+        self.methods: frozenset[bytes] = frozenset()
+        self.headers: tuple[tuple[bytes, bytes], ...] = ()
+        if m is None:
+            return
+        if m.host is not None:
+            if m.host.startswith("*."):
+                self.suffix = m.host[1:].encode()
+            else:
+                self.host = m.host.encode()
+        if m.path_prefix is not None:
+            self.prefix = m.path_prefix.encode()
+        if m.path_regex is not None:
+            self.regex = re.compile(m.path_regex.encode())
+        self.methods = frozenset(x.encode() for x in m.methods)
+        self.headers = tuple((n.encode(), v.encode()) for n, v in m.headers)
+
+    def matches(self, req: Request) -> bool:
+        if self.host is not None and req.host != self.host:
+            return False
+        if self.suffix is not None and not (req.host.endswith(self.suffix) and len(req.host) > len(self.suffix)):
+            return False
+        if self.prefix is not None and not req.path.startswith(self.prefix):
+            return False
+        if self.regex is not None and self.regex.match(req.path) is None:
+            return False
+        if self.methods and req.method not in self.methods:
+            return False
+        for name, value in self.headers:
+            if req.header(name) != value:
+                return False
+        return True
+
+    def matches_sni(self, name: bytes) -> bool:
+        if self.host is not None:
+            return name == self.host
+        if self.suffix is not None:
+            return name.endswith(self.suffix) and len(name) > len(self.suffix)
+        return True
+
+
+class ListenerRuntime:
+    __slots__ = ("spec", "name", "key", "protocol", "routes", "pool", "rules", "response_add",
+                 "idle_s", "header_s", "connect_s", "response_s")
+
+    def __init__(self, spec: tablemod.Listener, pools: dict[str, PoolRuntime]) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.key = spec.socket_key
+        self.protocol = spec.protocol
+        self.routes = tuple(CompiledRoute(r, pools[r.pool]) for r in spec.routes)
+        self.pool = pools[spec.pool] if spec.pool else None
+        t = spec.timeouts
+        self.idle_s = t.idle_ms / 1000
+        self.header_s = t.client_header_ms / 1000
+        self.connect_s = t.connect_ms / 1000
+        self.response_s = t.response_ms / 1000
+        add = b"".join(f"{n}: {v}\r\n".encode() for n, v in spec.add_request_headers)
+        self.rules = HeadRules(
+            max_request_line=spec.limits.max_request_line,
+            max_head=spec.limits.max_request_head,
+            max_headers=spec.limits.max_header_count,
+            remove=tuple(n.encode() for n in spec.remove_request_headers),
+            add=add,
+            add_names=tuple(n.encode() for n, _ in spec.add_request_headers),
+            forwarded=spec.forwarded_headers,
+            proto=b"https" if spec.protocol == "https" else b"http",
+        )
+        self.response_add = b"".join(f"{n}: {v}\r\n".encode() for n, v in spec.add_response_headers)
+
+    def route(self, req: Request) -> PoolRuntime | None:
+        for r in self.routes:
+            if r.matches(req):
+                return r.pool
+        return None
+
+
+class Router:
+    def __init__(self, version: str, table: tablemod.RoutingTable, listeners: dict[BindKey, ListenerRuntime],
+                 pools: dict[str, PoolRuntime], backends: dict[str, BackendRuntime]) -> None:
+        self.version = version
+        self.table = table
+        self.listeners = listeners
+        self.pools = pools
+        self.backends = backends
+
+    @classmethod
+    def build(cls, version: str, table: tablemod.RoutingTable, slots: dict[str, int], previous: Router | None,
+              rng: random.Random | None = None) -> Router:
+        """Build beside `previous`, reusing its backend runtimes and balancers.
+        Pure apart from the objects it reuses: nothing is opened or closed."""
+        workers = table.settings.workers or os.cpu_count() or 1
+        old_backends = previous.backends if previous else {}
+        old_pools = previous.pools if previous else {}
+        backends: dict[str, BackendRuntime] = {}
+        pools: dict[str, PoolRuntime] = {}
+        for p in table.pools:
+            runtimes = []
+            for b in p.backends:
+                key = slot_key(p.name, b)
+                if key not in slots:
+                    raise tablemod.TableError(f"backend {b.id} has no shared-memory slot")
+                rt = old_backends.get(key) or BackendRuntime(key, p.name, b, slots[key])
+                rt.update(b, workers, p.drain_timeout_ms)
+                backends[key] = rt
+                runtimes.append(rt)
+            old = old_pools.get(p.name)
+            if old is not None and old.spec.algorithm == p.algorithm:
+                balancer = old.balancer
+            else:
+                balancer = balance.make(p.algorithm, rng)
+            pools[p.name] = PoolRuntime(p, tuple(runtimes), balancer)
+        listeners = {x.socket_key: ListenerRuntime(x, pools) for x in table.listeners}
+        return cls(version, table, listeners, pools, backends)
+
+    def removed_since(self, previous: Router) -> Iterable[BackendRuntime]:
+        """Backends of `previous` that take no new traffic under this router."""
+        for key, rt in previous.backends.items():
+            if key not in self.backends or not self.backends[key].enabled:
+                yield rt

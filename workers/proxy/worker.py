@@ -1,0 +1,306 @@
+"""The proxy worker process: one uvloop event loop, SO_REUSEPORT listeners,
+the live Router, and the adapters to the outside (signals, the state
+directory, shared memory).
+
+Reload (SIGHUP), as a state machine per worker:
+
+    serving v1 ──SIGHUP──▶ read `current` (v2), load and check the table,
+                           build Router v2 beside v1, open new listeners
+         │ any failure: stay on v1, report the error for v2 in shared memory
+         ▼
+    flip worker.router to v2, report "serving v2"; then, in the background:
+      - listeners that are gone stop accepting; their idle keep-alive
+        connections close now, busy ones after their current request;
+      - backends that are gone or disabled get no new requests; their idle
+        pooled connections close now; requests still on them may finish
+        until the pool's drain_timeout, then their connections are cut.
+
+Nothing else closes: a listener whose bind did not change keeps its socket,
+and kept-alive clients simply use v2 for their next request.
+
+supervisord signals processes that are still starting, so the first thing
+the process does (in __main__) is to ignore SIGHUP; the real handler is
+installed before the first read of `current`, so no update is missed.
+
+SIGTERM (lbc down, supervisord stopping): stop accepting, close idle
+connections at once, let busy ones finish, up to the drain timeout, exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from lbc_workers.proxy.http import HttpClient
+from lbc_workers.proxy.router import BackendRuntime, BindKey, Router
+from lbc_workers.proxy.tcp import TcpClient
+from lbc_workers.proxy.udp import UdpListener
+
+from lbc import shm as shmmod
+from lbc.errors import LbcError
+from lbc.state import StateDir
+from lbc.table import TableError
+
+log = logging.getLogger("lbc.worker")
+PUBLISH_EVERY = 0.25  # seconds between counter publications
+SWEEP_EVERY = 1.0  # seconds between timeout sweeps
+BACKLOG = 4096
+
+
+class Worker:
+    def __init__(self, state: StateDir, slot: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.state = state
+        self.slot = slot
+        self.loop = loop
+        self.router: Router | None = None
+        self.servers: dict[BindKey, object] = {}  # asyncio Server, or UdpListener
+        self.clients: set = set()  # every connection and UDP session, for sweeps and drains
+        self.dirty: set[BackendRuntime] = set()  # counters to publish
+        self.retired: dict[str, BackendRuntime] = {}  # draining backends by identity
+        self.waiters: dict[str, deque] = {}  # pool name -> clients waiting for a free backend
+        self.draining = False
+        self.requests = 0
+        self.connections_opened = 0
+        self.rejected = 0
+        self._rid = 0
+        self._rid_prefix = b"%02x%06x-" % (slot, int(time.time()) & 0xFFFFFF)
+        self._reload_lock = asyncio.Lock()
+        self._reload_again = False
+        self.stopped = asyncio.Event()
+        self.shm = shmmod.Shm(state.run / "shm", writable=True)
+        self.publish_backend = self.shm.backend_writer(slot)
+
+    # -- the hot path's helpers --------------------------------------------------
+
+    def next_request_id(self) -> bytes:
+        self._rid += 1
+        return self._rid_prefix + b"%x" % self._rid
+
+    def wait_for_backend(self, pool: str, client) -> None:
+        self.waiters.setdefault(pool, deque()).append(client)
+
+    def backend_freed(self, backend: BackendRuntime) -> None:
+        waiting = self.waiters.get(backend.pool)
+        while waiting:
+            client = waiting.popleft()
+            if client.waiting_for_backend():
+                client.retry_dispatch()
+                break
+        if backend.removed_at is not None and backend.active <= 0 and not backend.busy:
+            self.retired.pop(backend.key, None)
+
+    # -- reload ----------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """Load `current`. Reloads are serialized; a SIGHUP during one runs
+        another right after it, so the last installed table always wins."""
+        if self._reload_lock.locked():
+            self._reload_again = True
+            return
+        async with self._reload_lock:
+            while True:
+                self._reload_again = False
+                await self._reload_once()
+                if not self._reload_again:
+                    break
+
+    async def _reload_once(self) -> None:
+        version = self.state.current_version()
+        if version is None:
+            self._report(attempted="", error="no table is installed")
+            return
+        if self.router is not None and self.router.version == version:
+            self._report(attempted=version, error="")
+            return
+        opened: list[BindKey] = []
+        try:
+            table = self.state.read_table(version)
+            router = Router.build(version, table, self.state.slots(), self.router)
+            for key in router.listeners:
+                if key not in self.servers:
+                    await self._open(key)
+                    opened.append(key)
+        except (LbcError, TableError, OSError, ValueError) as e:
+            for key in opened:
+                self._close_listener(key)
+            message = f"{type(e).__name__}: {e}" if not isinstance(e, LbcError) else str(e)
+            log.error("cannot serve table %s: %s", version[:12], message)
+            self._report(attempted=version, error=message)
+            return
+        old, self.router = self.router, router
+        if old is not None:
+            self._retire(old, router)
+        self._report(attempted=version, error="", version=version)
+        log.info("serving table %s", version[:12])
+        gc.collect()
+        gc.freeze()  # the router lives long: keep it out of the collector's way
+
+    def _report(self, attempted: str, error: str, version: str | None = None) -> None:
+        fields: dict[str, object] = {"attempted": attempted, "error": error, "heartbeat": time.time()}
+        if version is not None:
+            fields.update(version=version, state=shmmod.SERVING)
+        info = self.shm.read_worker(self.slot)
+        fields["generation"] = info.generation + 1
+        self.shm.write_worker(self.slot, **fields)
+
+    def _retire(self, old: Router, new: Router) -> None:
+        for key in list(self.servers):
+            if key not in new.listeners:
+                self._close_listener(key)
+        for client in list(self.clients):
+            if client.key not in new.listeners:
+                client.close_if_idle()
+        now = self.loop.time()
+        for backend in new.removed_since(old):
+            if backend.key in new.backends and new.backends[backend.key].enabled:
+                continue
+            backend.removed_at = now
+            for up in backend.idle:
+                up.transport.close()
+            backend.idle.clear()
+            if backend.active > 0 or backend.busy:
+                self.retired[backend.key] = backend
+        # Pools gone from the table: their waiters get a 503 from the sweep.
+
+    async def _open(self, key: BindKey) -> None:
+        transport, host, port = key
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            sock.setblocking(False)
+            if transport == "udp":
+                _, protocol = await self.loop.create_datagram_endpoint(lambda: UdpListener(self, key), sock=sock)
+                self.servers[key] = protocol
+            else:
+                sock.listen(BACKLOG)
+                self.servers[key] = await self.loop.create_server(lambda: self._accept(key), sock=sock,
+                                                                  backlog=BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _accept(self, key: BindKey):
+        listener = self.router.listeners.get(key)
+        if listener is not None and listener.protocol in ("http", "https"):
+            return HttpClient(self, key)
+        return TcpClient(self, key)
+
+    def _close_listener(self, key: BindKey) -> None:
+        server = self.servers.pop(key, None)
+        if isinstance(server, UdpListener):
+            server.close_sessions()
+            if server.transport is not None:
+                server.transport.close()
+        elif server is not None:
+            server.close()
+
+    # -- periodic work ---------------------------------------------------------------------
+
+    async def housekeeping(self) -> None:
+        """Publish counters a few times a second; sweep deadlines once a second."""
+        next_sweep = self.loop.time() + SWEEP_EVERY
+        while not self.stopped.is_set():
+            await asyncio.sleep(PUBLISH_EVERY)
+            self.publish()
+            now = self.loop.time()
+            if now >= next_sweep:
+                next_sweep = now + SWEEP_EVERY
+                self.sweep(now)
+
+    def publish(self) -> None:
+        write = self.publish_backend
+        for backend in self.dirty:
+            write(backend.slot, *backend.counters())
+        self.dirty.clear()
+        self.shm.write_worker(self.slot, heartbeat=time.time(), connections=len(self.clients), requests=self.requests)
+
+    def sweep(self, now: float) -> None:
+        for client in [c for c in self.clients if c.deadline and c.deadline < now]:
+            client.on_timeout()
+        for key, backend in list(self.retired.items()):
+            if now - backend.removed_at >= backend.drain_ms / 1000:
+                for up in list(backend.busy):
+                    up.transport.abort()
+                self.retired.pop(key, None)
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self.shm.write_worker(self.slot, state=shmmod.DRAINING)
+        for key in list(self.servers):
+            self._close_listener(key)
+        for client in list(self.clients):
+            client.close_if_idle()
+        override = self.shm.drain_override_ms()
+        drain_ms = override if override is not None else (
+            self.router.table.settings.drain_timeout_ms if self.router else 0)
+        deadline = self.loop.time() + drain_ms / 1000
+        while self.clients and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for client in list(self.clients):
+            transport = getattr(client, "transport", None)
+            if transport is not None:
+                transport.abort()
+        self.publish()
+        self.stopped.set()
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lbc_workers.proxy")
+    parser.add_argument("--state", required=True, type=Path)
+    parser.add_argument("--slot", required=True, type=int)
+    args = parser.parse_args(argv)
+    _configure_logging()
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    state = StateDir(args.state)
+    worker = Worker(state, args.slot, loop)
+    pid_file = state.run / f"worker-{args.slot}.pid"
+    pid_file.write_text(f"{os.getpid()}\n")
+    worker.shm.clear_worker(args.slot)
+    worker.shm.write_worker(args.slot, pid=os.getpid(), started=time.time(), state=shmmod.STARTING)
+
+    # The real SIGHUP handler goes in before `current` is first read.
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(worker.reload()))
+    loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(worker.shutdown()))
+    loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(worker.shutdown()))
+
+    async def run() -> None:
+        await worker.reload()
+        housekeeping = loop.create_task(worker.housekeeping())
+        await worker.stopped.wait()
+        housekeeping.cancel()
+
+    try:
+        loop.run_until_complete(run())
+    finally:
+        worker.shm.write_worker(args.slot, state=shmmod.EMPTY, pid=0)
+        try:
+            pid_file.unlink()
+        except FileNotFoundError:
+            pass
+    return 0
