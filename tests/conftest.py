@@ -68,3 +68,46 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         out[f"{name}_cert"] = d / f"{name}.pem"
         out[f"{name}_key"] = d / f"{name}.key"
     return out
+
+
+_next_ip = [0]
+
+
+@pytest.fixture
+def ip() -> str:
+    """A loopback address of this test's own (127.a.b.1), so SO_REUSEPORT
+    never joins two tests' listeners."""
+    _next_ip[0] += 1
+    n = (os.getpid() % 200) * 256 + _next_ip[0]
+    return f"127.{(n // 256) % 250 + 2}.{n % 256}.1"
+
+
+@pytest.fixture
+def node(tmp_path: Path):
+    from support.node import LbcNode
+
+    n = LbcNode(tmp_path)
+    try:
+        yield n
+    finally:
+        n.cleanup()
+
+
+@pytest.fixture
+def origins():
+    """origins(ident, http=[...], tcp=[...], udp=[...]) starts one; all are
+    killed by PID when the test ends."""
+    from support.node import Origin
+
+    started: list[Origin] = []
+
+    def start(ident: str, **kw) -> Origin:
+        o = Origin(ident, **kw)
+        started.append(o)
+        return o
+
+    try:
+        yield start
+    finally:
+        for o in started:
+            o.stop()

@@ -123,6 +123,7 @@ class Worker:
             return
         opened: list[BindKey] = []
         try:
+            _fault("reject", version)
             table = self.state.read_table(version)
             router = Router.build(version, table, self.state.slots(), self.router)
             for key in router.listeners:
@@ -260,6 +261,15 @@ class Worker:
                 transport.abort()
         self.publish()
         self.stopped.set()
+
+
+def _fault(point: str, version: str) -> None:
+    """LBC_WORKER_FAULT=reject:<version prefix> makes this worker refuse that
+    table, as a worker that cannot load it would (for tests of apply's revert)."""
+    spec = os.environ.get("LBC_WORKER_FAULT", "")
+    kind, _, prefix = spec.partition(":")
+    if kind == point and prefix and version.startswith(prefix):
+        raise ValueError(f"table refused by LBC_WORKER_FAULT={spec}")
 
 
 def _configure_logging() -> None:

@@ -1,0 +1,1 @@
+"""Helpers the tests share: an origin server process and an lbc node."""
