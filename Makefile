@@ -16,13 +16,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on examples/pool.yaml: validate, plan, apply, show the history.
+# The main job: the example backends and lbc in front of them on
+# examples/pool.yaml, in the foreground; Ctrl-C drains and stops everything.
 run: setup
-	$(BIN)/lbc validate examples/pool.yaml
-	$(BIN)/lbc plan examples/pool.yaml --state $(DEMO_STATE)
-	$(BIN)/lbc apply examples/pool.yaml --state $(DEMO_STATE)
-	$(BIN)/lbc plan examples/pool.yaml --state $(DEMO_STATE) --detailed-exitcode
-	$(BIN)/lbc history --state $(DEMO_STATE)
+	$(BIN)/python examples/demo.py --state $(DEMO_STATE)
 
 test: setup
 	$(BIN)/python -m pytest

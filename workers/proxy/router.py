@@ -23,6 +23,7 @@ from lbc_workers.proxy.h1 import HeadRules, Request
 from lbc import table as tablemod
 from lbc.state import slot_key
 
+UNSERVED = frozenset({"https", "tls_passthrough"})  # validated and compiled, not yet proxied
 BindKey = tuple[str, str, int]  # transport ("tcp" or "udp"), host, port: Listener.socket_key
 
 class BackendRuntime:
@@ -219,6 +220,11 @@ class Router:
             else:
                 balancer = balance.make(p.algorithm, rng)
             pools[p.name] = PoolRuntime(p, tuple(runtimes), balancer)
+        for x in table.listeners:
+            if x.protocol in UNSERVED:
+                # Refuse rather than serve plaintext on a TLS port: apply then
+                # fails and puts the previous table back.
+                raise tablemod.TableError(f"listener {x.name}: {x.protocol} is not served by this version of lbc")
         listeners = {x.socket_key: ListenerRuntime(x, pools) for x in table.listeners}
         return cls(version, table, listeners, pools, backends)
 
