@@ -7,7 +7,8 @@ HTTP paths (any method):
   /echo             200, JSON: id, method, target, the raw request head, body length and sha256
   /slow?s=S&n=N     waits S seconds, then 200 with N bytes ("x")
   /stream?n=N       200, chunked: N bytes of a repeating pattern, in 64 KiB chunks
-  /mirror           streams the request body back as it arrives (chunked)
+  /mirror           streams the request body back as it arrives (chunked); like
+                    every path, stops reading while its writes are not read
   /status/NNN       that status, empty body
   /close            200 with Connection: close, then closes
   /health           200 "ok"
@@ -50,6 +51,14 @@ class HttpOrigin(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+
+    # Flow control: while the client does not read what this origin writes
+    # (/mirror, tunnels), stop reading from it, as a real server would.
+    def pause_writing(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel:
@@ -99,6 +108,8 @@ class HttpOrigin(asyncio.Protocol):
             self.transport.write(b"%x\r\n" % len(body) + body + b"\r\n")
 
     def on_message_complete(self) -> None:
+        if self.parser.should_upgrade():
+            return  # answered with 101 by data_received; no second response
         request = (self.method, self.url.decode("latin-1"), list(self.raw_headers), self.body_len,
                    self.body_hash.hexdigest(), self.parser.should_keep_alive())
         if self.mirror:

@@ -20,10 +20,12 @@ before it passes them on. Rules, in the order they apply to a request head
    or Content-Length; or no body.
 6. Hop-by-hop headers (Connection, the names it lists, Keep-Alive, TE,
    Trailer, Transfer-Encoding, Upgrade, Proxy-Connection) are removed; an
-   Upgrade request keeps Upgrade and gets `Connection: upgrade`.
+   Upgrade request keeps Upgrade and gets `Connection: upgrade`. Connection
+   cannot name Host or Content-Length: the head would no longer say where
+   its body ends (a body smuggled past the proxy as a second request).
 7. The listener's rules: headers to remove and to set, then the forwarded
-   block (X-Forwarded-For appended to, X-Forwarded-Proto and -Host replaced,
-   X-Request-ID kept or generated).
+   block (X-Forwarded-For appended to, all its lines joined; X-Forwarded-Proto
+   and -Host replaced; X-Request-ID kept, or generated when absent).
 
 Only the header names the rules need are looked for, with one regex over the
 lowered head (HeadRules.names), so a typical browser request costs a few C
@@ -36,6 +38,9 @@ import re
 from dataclasses import dataclass, field
 
 HOP_BY_HOP = (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade")
+# Connection tokens that are not header names to remove, or that name headers
+# a message cannot lose (its framing, its Host).
+_KEPT_TOKENS = frozenset((b"close", b"keep-alive", b"upgrade", b"host", b"content-length"))
 _ALWAYS = HOP_BY_HOP + (b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
                         b"x-request-id")
 NO_BODY, LENGTH, CHUNKED = 0, 1, 2
@@ -146,6 +151,13 @@ def parse_request_head(raw: bytes, method: bytes, url: bytes, version: bytes, ru
         start, end = spans[0]
         return raw[start + 3 + len(name) : end].strip(b" \t")
 
+    def joined(name: bytes) -> bytes | None:
+        """All lines of a list-valued header, as one value (RFC 9110 5.3)."""
+        spans = found.get(name)
+        if spans is None:
+            return None
+        return b", ".join(raw[start + 3 + len(name) : end].strip(b" \t") for start, end in spans)
+
     target, path, authority = _target(url)
     hosts = found.get(b"host", ())
     if len(hosts) > 1:
@@ -174,7 +186,7 @@ def parse_request_head(raw: bytes, method: bytes, url: bytes, version: bytes, ru
 
     drop = rules.drop
     if tokens:
-        drop = drop | {t for t in tokens if t not in (b"close", b"keep-alive", b"upgrade")}
+        drop = drop | {t for t in tokens if t not in _KEPT_TOKENS}
     if upgrade:
         drop = drop - {b"upgrade"}
     spans = [span for name in drop for span in found.get(name, ())]
@@ -184,13 +196,15 @@ def parse_request_head(raw: bytes, method: bytes, url: bytes, version: bytes, ru
     extra = [rules.add]
     request_id = None
     if rules.forwarded:
-        xff = value(b"x-forwarded-for")
+        xff = joined(b"x-forwarded-for")
         extra.append(b"X-Forwarded-For: " + (xff + b", " + client_ip if xff is not None else client_ip) + b"\r\n")
         extra.append(b"X-Forwarded-Proto: " + rules.proto + b"\r\n")
         if host_value:
             extra.append(b"X-Forwarded-Host: " + host_value + b"\r\n")
-        request_id = value(b"x-request-id")
-        if request_id is None:
+        request_id = value(b"x-request-id") if b"x-request-id" not in drop else None
+        if not request_id:
+            if request_id is not None:
+                spans += found[b"x-request-id"]  # an empty one is replaced
             request_id = new_id
             extra.append(b"X-Request-ID: " + new_id + b"\r\n")
     if framing == CHUNKED:
@@ -239,11 +253,12 @@ def _target(url: bytes) -> tuple[bytes, bytes, bytes | None]:
 
 
 def _host_without_port(host: bytes) -> bytes:
+    """The name routes match: no port, no trailing dot (as compiled routes)."""
     if host.startswith(b"["):
         end = host.find(b"]")
         return host[: end + 1] if end > 0 else host
     colon = host.rfind(b":")
-    return host[:colon] if colon >= 0 else host
+    return (host[:colon] if colon >= 0 else host).rstrip(b".")
 
 
 def _tokens(value: bytes) -> tuple[bytes, ...]:
@@ -253,6 +268,7 @@ def _tokens(value: bytes) -> tuple[bytes, ...]:
 # -- responses -------------------------------------------------------------------
 
 _RESPONSE_HOP = (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade")
+_RESPONSE_KEPT_TOKENS = frozenset((b"close", b"keep-alive", b"upgrade", b"content-length", b"transfer-encoding"))
 
 
 def lower_response_head(raw: bytes, add: bytes, upgrade: bool, connection: bytes | None) -> bytes:
@@ -261,13 +277,14 @@ def lower_response_head(raw: bytes, add: bytes, upgrade: bool, connection: bytes
     Connection header when the client needs one (`close` when the connection
     ends after this response, `keep-alive` for an HTTP/1.0 client that keeps
     it). Transfer-Encoding is kept: the body is passed through as framed,
-    and the backend saw the client's HTTP version, so it framed for it."""
+    and the backend saw the client's HTTP version, so it framed for it; for
+    the same reason a Connection header cannot remove it or Content-Length."""
     low = raw.lower()
     spans: list[tuple[int, int]] = []
     listed = header_value(raw, low, b"connection")
     names = set(_RESPONSE_HOP)
     if listed is not None:
-        names.update(t for t in _tokens(listed.lower()) if t not in (b"close", b"keep-alive", b"upgrade"))
+        names.update(t for t in _tokens(listed.lower()) if t not in _RESPONSE_KEPT_TOKENS)
     if upgrade:
         names.discard(b"upgrade")
         names.discard(b"connection")

@@ -13,10 +13,12 @@ The client connection's state machine:
 
 - HEAD: bytes accumulate until CRLFCRLF. The first byte of a head starts an
   absolute deadline (client_header timeout, 408) that more bytes never
-  extend. An empty buffer between requests is idle (idle timeout, closed
-  quietly). The head goes through llhttp (a fresh parser per request, fed the
-  head only, so pipelined bytes and bodies never desynchronize it) and then
-  h1.parse_request_head.
+  extend (for a pipelined head already buffered, it starts when the
+  response before it is done). An empty buffer between requests is idle
+  (idle timeout, closed quietly). A bare LF or CR gets 400 as soon as it
+  arrives, without waiting for the rest of the head. The head goes through
+  llhttp (a fresh parser per request, fed the head only, so pipelined bytes
+  and bodies never desynchronize it) and then h1.parse_request_head.
 - The request captures the live Router when its head completes; the next
   request on the same connection takes whatever is live then. A reload never
   closes a client connection.
@@ -24,11 +26,21 @@ The client connection's state machine:
   pauses reading from the client and a full client buffer pauses reading
   from the backend. Request bodies are counted (Content-Length) or decoded
   and re-framed (chunked); response bytes pass through unparsed while a
-  per-response llhttp parser finds where the response ends.
+  per-response llhttp parser finds where the response ends. A connection
+  returned to the pool reads again, whatever the last client's pace was.
 - Pipelined requests wait in the buffer (reading pauses) until the response
-  before them is done, so responses stay in order.
+  before them is done, so responses stay in order. Requests lbc answers
+  itself (404, 503, ...) are taken one after the other in a loop, not by
+  recursion; while the client does not read its answers, the loop stops
+  and so does reading from it.
+- An Upgrade request whose backend answers 101 turns the connection into a
+  TUNNEL; bytes the client sent behind the head go through it first.
 - Timeouts are deadlines on the connection, checked by the worker's sweep
   about once a second (no timer per read).
+- An error answered while a backend connection carries part of the request
+  drops that connection (it is in an unknown state); an error after part of
+  the response reached the client cuts the client off, as nothing else can
+  follow a partial response.
 - A request that fails before the backend sent any byte of a response is
   retried once on a fresh connection when that is safe: always when the
   connection failed to open, and for idempotent methods when a reused
@@ -153,6 +165,9 @@ def release(up: Upstream, reusable: bool) -> None:
         if len(idle) >= MAX_IDLE_PER_BACKEND:
             idle.pop(0).transport.close()
         up.idle_since = up.worker.loop.time()
+        # Reading may be paused for the slow client this response went to;
+        # an idle connection reads again (the next response, or the close).
+        up.transport.resume_reading()
         idle.append(up)
     elif not up.closed:
         up.transport.close()
@@ -165,7 +180,7 @@ class HttpClient(asyncio.Protocol):
         "worker", "key", "listener", "transport", "peer", "state", "buf", "deadline", "deadline_status",
         "paused", "closing", "eof", "req", "pool", "backend", "up", "reused", "attempts", "pending",
         "pending_bytes", "body_left", "chunks", "req_done", "resp", "resp_buf", "resp_started",
-        "resp_close_delimited", "resp_bytes", "router", "tunnel_eof",
+        "resp_close_delimited", "resp_bytes", "router", "tunnel_eof", "in_heads", "more",
     )
 
     def __init__(self, worker: Worker, key) -> None:
@@ -187,6 +202,8 @@ class HttpClient(asyncio.Protocol):
         self.tunnel_eof = 0
         self.req_done = True
         self.resp_started = False
+        self.in_heads = False  # _heads is running (requests answered inside it loop, not recurse)
+        self.more = False
 
     # -- asyncio callbacks: client side ---------------------------------------
 
@@ -244,12 +261,18 @@ class HttpClient(asyncio.Protocol):
         self._release_backend()
 
     def pause_writing(self) -> None:
+        # The client does not read: stop reading from it (its next requests
+        # wait) and from its backend.
+        self.pause_reading("writing")
         if self.up is not None and not self.up.closed:
             self.up.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.resume_reading("writing")
         if self.up is not None and not self.up.closed:
             self.up.transport.resume_reading()
+        elif self.state == HEAD and self.buf:
+            self._heads()
 
     def pause_reading(self, why: str) -> None:
         if not self.paused and self.transport is not None:
@@ -265,6 +288,23 @@ class HttpClient(asyncio.Protocol):
     # -- request heads -----------------------------------------------------------
 
     def _heads(self) -> None:
+        """Start the next requests whose heads are complete. A request
+        answered at once (_next_request calls back here) sets `more`, and
+        the loop takes the next one: thousands of pipelined 404s do not
+        recurse thousands deep."""
+        if self.in_heads:
+            self.more = True
+            return
+        self.in_heads = True
+        try:
+            self.more = True
+            while self.more and self.state == HEAD and "writing" not in self.paused:
+                self.more = False
+                self._head()
+        finally:
+            self.in_heads = False
+
+    def _head(self) -> None:
         """Start the next request if its head is complete."""
         buf = self.buf
         while buf[:2] == b"\r\n":  # RFC 9112 2.2: ignore empty lines before a request
@@ -282,8 +322,12 @@ class HttpClient(asyncio.Protocol):
                 self._reject(414, "request line too long")
             elif len(buf) > rules.max_head:
                 self._reject(431, "request head too large")
-            elif b"\n\n" in buf or b"\r\r" in buf:
-                self._reject(400, "bad line ending")
+            else:
+                # A bare LF (or a CR not followed by LF) never becomes a valid
+                # head: say so now rather than at the header timeout.
+                crlf = buf.count(b"\r\n")
+                if buf.count(b"\n") != crlf or buf.count(b"\r") - (buf[-1:] == b"\r") != crlf:
+                    self._reject(400, "bad line ending")
             return
         raw = bytes(buf[: end + 4])
         del buf[: end + 4]
@@ -554,6 +598,10 @@ class HttpClient(asyncio.Protocol):
             self.deadline_status = 0
             if rest:
                 self.transport.write(rest)
+            if self.buf:  # sent behind the head, before the 101: the tunnel's first bytes
+                self.up.transport.write(bytes(self.buf))
+                self.buf.clear()
+            self.resume_reading("pipeline")
             return
         if req.method == b"HEAD" or status in (204, 304):
             resp.done, resp.keep_alive = True, b"\r\nconnection: close" not in low
@@ -604,12 +652,7 @@ class HttpClient(asyncio.Protocol):
     def _backend_broken(self, status: int | None) -> None:
         """The backend misbehaved: drop its connection; answer `status` if
         nothing of the response reached the client yet, else cut the client."""
-        up = self.up
-        self.up = None
-        if up is not None:
-            up.owner = None
-            up.backend.busy.discard(up)
-            up.transport.abort()
+        self._drop_upstream()
         if self.backend is not None:
             self.backend.failures += 1
         self._release_backend()
@@ -618,6 +661,16 @@ class HttpClient(asyncio.Protocol):
         else:
             self.state = CLOSED
             self.transport.abort()
+
+    def _drop_upstream(self) -> None:
+        """Abort the backend connection of a request that cannot finish."""
+        up = self.up
+        self.up = None
+        if up is not None:
+            up.owner = None
+            up.backend.busy.discard(up)
+            if not up.closed:
+                up.transport.abort()
 
     def _response_done(self) -> None:
         up = self.up
@@ -643,6 +696,11 @@ class HttpClient(asyncio.Protocol):
             self.transport.close()
             return
         self.state = HEAD
+        self.resp_started = False
+        # Bytes already buffered are the start of the next head: its deadline
+        # runs from now (_head makes it the idle one when there are none).
+        self.deadline = self.worker.loop.time() + self.listener.header_s
+        self.deadline_status = 408
         self.resume_reading("pipeline")
         self._heads()
 
@@ -651,13 +709,17 @@ class HttpClient(asyncio.Protocol):
     def _respond_error(self, status: int, close: bool = False) -> None:
         if self.state == CLOSED:
             return
+        self._drop_upstream()  # it has part of this request: unusable
+        self._release_backend()
+        if self.resp_started:  # part of a response went out: nothing can follow it
+            self.state = CLOSED
+            self.transport.abort()
+            return
         req = self.req
         rid = req.request_id if req is not None else b""
         # Unread request body bytes would be taken for the next request: close.
         close = close or self.closing or self.eof or (req is not None and not self.req_done)
         self.transport.write(h1.error_response(status, close, rid))
-        self._release_backend()
-        self.up = None
         if close:
             self.state = CLOSED
             self.transport.close()

@@ -6,6 +6,18 @@ closes. While the backend connection opens, the client is not read. Either
 side's EOF is passed on as a write EOF to the other, and the pair closes
 once both directions have ended, so a client that shuts down writing still
 receives everything the backend sends after that.
+
+Backpressure: a side whose write buffer is full stops reading the other
+side, so a peer that does not read holds nothing but the transports'
+bounded buffers in the worker. When nothing moves for the listener's idle
+timeout, the worker's sweep ends the pair (aborting a side that cannot
+flush, since its peer stopped reading).
+
+Draining: the backend connection is in its backend's `busy` set, so when an
+apply removes the backend the worker's sweep cuts it after the pool's
+drain_timeout (and the client connection closes with it). When the
+listener is removed, or the worker stops, the connection keeps going for
+the pool's drain_timeout, then closes (one timer, armed once).
 """
 
 from __future__ import annotations
@@ -19,10 +31,11 @@ if TYPE_CHECKING:
 
 
 class TcpUpstream(asyncio.Protocol):
-    __slots__ = ("client", "transport", "closed")
+    __slots__ = ("client", "backend", "transport", "closed")
 
-    def __init__(self, client: TcpClient) -> None:
+    def __init__(self, client: TcpClient, backend: BackendRuntime) -> None:
         self.client = client
+        self.backend = backend
         self.transport: asyncio.Transport | None = None
         self.closed = False
 
@@ -37,6 +50,7 @@ class TcpUpstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.backend.busy.discard(self)
         self.client.backend_lost()
 
     def pause_writing(self) -> None:
@@ -49,7 +63,7 @@ class TcpUpstream(asyncio.Protocol):
 
 class TcpClient(asyncio.Protocol):
     __slots__ = ("worker", "key", "transport", "up", "backend", "pending", "eofs", "closed", "deadline",
-                 "deadline_status", "idle_s")
+                 "deadline_status", "idle_s", "drain")
 
     def __init__(self, worker: Worker, key) -> None:
         self.worker = worker
@@ -62,6 +76,7 @@ class TcpClient(asyncio.Protocol):
         self.closed = False
         self.deadline = 0.0
         self.deadline_status = 0
+        self.drain: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -91,7 +106,8 @@ class TcpClient(asyncio.Protocol):
     async def _connect(self, backend: BackendRuntime, timeout: float) -> None:
         try:
             _, up = await asyncio.wait_for(
-                self.worker.loop.create_connection(lambda: TcpUpstream(self), backend.address, backend.port), timeout
+                self.worker.loop.create_connection(lambda: TcpUpstream(self, backend), backend.address, backend.port),
+                timeout,
             )
         except (TimeoutError, OSError):
             backend.failures += 1
@@ -101,6 +117,7 @@ class TcpClient(asyncio.Protocol):
             up.transport.close()
             return
         self.up = up
+        backend.busy.add(up)  # cut by the sweep if the backend is removed and its drain runs out
         for piece in self.pending:
             up.transport.write(piece)
         self.pending = []
@@ -151,11 +168,16 @@ class TcpClient(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.worker.clients.discard(self)
-        if self.up is not None and not self.up.closed:
-            self.up.transport.close()
+        if self.drain is not None:
+            self.drain.cancel()
+        up = self.up
+        if up is not None and not up.closed:
+            up.transport.close()
         backend = self.backend
         if backend is not None:
             self.backend = None
+            if up is not None:
+                backend.busy.discard(up)
             backend.active -= 1
             self.worker.dirty.add(backend)
             self.worker.backend_freed(backend)
@@ -169,12 +191,23 @@ class TcpClient(asyncio.Protocol):
             self.up.transport.resume_reading()
 
     def on_timeout(self) -> None:
-        self.transport.close()
-        if self.up is not None:
-            self.up.transport.close()
+        """Idle past the listener's idle timeout (or drained): close both
+        sides. A side still holding bytes its peer does not read is aborted:
+        close() would wait for that peer forever."""
+        for transport in (self.transport, self.up.transport if self.up is not None else None):
+            if transport is None:
+                continue
+            if transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                transport.close()
 
     def idle(self) -> bool:
         return False  # a TCP connection is never known to be idle: it drains
 
     def close_if_idle(self) -> bool:
+        """The listener is gone or the worker stops: never idle, so drain for
+        the pool's drain_timeout, then close."""
+        if self.drain is None and not self.closed and self.backend is not None:
+            self.drain = self.worker.loop.call_later(self.backend.drain_ms / 1000, self.on_timeout)
         return False

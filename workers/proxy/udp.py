@@ -5,7 +5,12 @@ wildcard), so replies sent from it leave from the address the client sent
 to, and a client with a connect()ed socket accepts them. Each session has
 its own connected socket to its backend; datagrams that arrive while it
 opens are queued (bounded). A session keeps the Router it started with and
-ends after the listener's idle timeout (the worker's sweep closes it).
+ends after the listener's idle timeout (the worker's sweep closes it). An
+open session is in its backend's `busy` set: when an apply removes the
+backend, the sweep ends the session after the pool's drain_timeout, and the
+client's next datagram starts a new session on a backend that is in the
+table. A removed listener ends its sessions at once (its socket, which
+replies leave from, is closed).
 """
 
 from __future__ import annotations
@@ -37,11 +42,12 @@ class _BackendSide(asyncio.DatagramProtocol):
 
 
 class UdpSession:
-    __slots__ = ("listener", "client", "backend", "transport", "queue", "deadline", "deadline_status", "closed",
-                 "idle_s")
+    __slots__ = ("listener", "key", "client", "backend", "transport", "queue", "deadline", "deadline_status",
+                 "closed", "idle_s")
 
     def __init__(self, listener: UdpListener, client, backend: BackendRuntime, idle_s: float) -> None:
         self.listener = listener
+        self.key = listener.key  # the worker's reload looks up every connection's listener by it
         self.client = client
         self.backend = backend
         self.transport: asyncio.DatagramTransport | None = None
@@ -64,6 +70,7 @@ class UdpSession:
             transport.close()
             return
         self.transport = transport
+        self.backend.busy.add(self)
         for data in self.queue:
             transport.sendto(data)
         self.queue = []
@@ -100,6 +107,7 @@ class UdpSession:
         self.listener.sessions.pop(self.client, None)
         if self.transport is not None:
             self.transport.close()
+            self.backend.busy.discard(self)
         self.backend.active -= 1
         worker.dirty.add(self.backend)
         worker.backend_freed(self.backend)
