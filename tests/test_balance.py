@@ -9,7 +9,6 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pytest
-
 from lbc_workers import balance
 
 

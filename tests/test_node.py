@@ -228,7 +228,7 @@ class Load:
                 else:
                     self.ok += 1
                     self.backends[body.decode().strip()] = self.backends.get(body.decode().strip(), 0) + 1
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError) as e:
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
             self.errors.append(f"{type(e).__name__}: {e}")
         finally:
             writer.close()

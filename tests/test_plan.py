@@ -100,17 +100,17 @@ def test_saved_plan_refuses_a_changed_certificate(tmp_path, tls_files):
     shutil.copy(tls_files["www_cert"], cert)
     shutil.copy(tls_files["www_key"], key)
     cfg = tmp_path / "tls.yaml"
-    cfg.write_text(f"""\
+    cfg.write_text("""\
 version: 1
 listeners:
   - name: web
     bind: 127.0.0.1:8443
     protocol: https
-    tls: {{certificates: [{{cert: c.pem, key: k.pem}}]}}
-    routes: [{{pool: web}}]
+    tls: {certificates: [{cert: c.pem, key: k.pem}]}
+    routes: [{pool: web}]
 pools:
   - name: web
-    backends: [{{id: w, address: 127.0.0.1, port: 9101}}]
+    backends: [{id: w, address: 127.0.0.1, port: 9101}]
 """)
     state, saved = tmp_path / "state", tmp_path / "plan.json"
     assert lbc("plan", str(cfg), "--state", str(state), "--out", str(saved)).returncode == 0
