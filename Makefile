@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_STATE ?= .lbc-demo
 
-.PHONY: setup run test bench docs lint clean
+.PHONY: setup run test bench bench-config bench-data docs lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,18 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest
 
-bench: setup
+# Both benchmarks: the control plane's (validate + compile + plan of a big
+# config) and the data plane's (lbc vs HAProxy vs direct on NGINX, about
+# 10 minutes; installs haproxy, nginx-light and wrk with apt-get when missing,
+# writes bench/RESULTS.md). BENCH_ARGS is passed to bench/run (see --help).
+bench: bench-config bench-data
+
+bench-config: setup
 	$(BIN)/python bench/config_speed.py
+
+bench-data: setup
+	LBC_BENCH_COMMAND="make $(or $(MAKECMDGOALS),bench-data)$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" \
+		bench/run $(BENCH_ARGS)
 
 # Regenerate the README's config and CLI references (a test checks them).
 docs: setup
