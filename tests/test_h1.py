@@ -24,7 +24,7 @@ def parse(head: bytes, rules: HeadRules = RULES, ip: bytes = b"192.0.2.1", rid: 
     """`head` with CRLF line ends added; the request line split as llhttp would."""
     raw = head.replace(b"\n", b"\r\n") if b"\r\n" not in head else head
     method, url, version = raw.split(b"\r\n", 1)[0].split(b" ")
-    return h1.parse_request_head(raw, method, url, version.removeprefix(b"HTTP/"), rules, ip, rid)
+    return h1.parse_request_head(raw, method, url, version.removeprefix(b"HTTP/"), rules, ip, lambda: rid)
 
 
 def lines(head: bytes) -> list[bytes]:
@@ -68,7 +68,7 @@ def test_limits_are_inclusive():
 def test_other_versions_get_505(version):
     with pytest.raises(HeadError) as e:
         h1.parse_request_head(b"GET / HTTP/" + version + b"\r\nHost: a\r\n\r\n", b"GET", b"/", version, RULES,
-                              b"192.0.2.1", b"id")
+                              b"192.0.2.1", lambda: b"id")
     assert e.value.status == 505
 
 
@@ -200,42 +200,73 @@ def test_add_and_remove_rules():
 
 def test_untouched_head_is_forwarded_byte_for_byte():
     head = b"GET /a?b=c HTTP/1.1\r\nHost: a\r\nUser-Agent: x/1 (y; z)\r\nAccept: */*\r\n\r\n"
-    req = h1.parse_request_head(head, b"GET", b"/a?b=c", b"1.1", rules(forwarded=False), b"192.0.2.1", b"id")
+    req = h1.parse_request_head(head, b"GET", b"/a?b=c", b"1.1", rules(forwarded=False), b"192.0.2.1", lambda: b"id")
     assert req.head == head
     # the request line is rebuilt from what llhttp read: extra spaces do not reach the backend
     req = h1.parse_request_head(b"GET  /a HTTP/1.1\r\nHost: a\r\n\r\n", b"GET", b"/a", b"1.1",
-                                rules(forwarded=False), b"192.0.2.1", b"id")
+                                rules(forwarded=False), b"192.0.2.1", lambda: b"id")
     assert req.head == b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
 
 
 # -- responses -------------------------------------------------------------------------------
 
 
+def lower(raw: bytes, add: bytes = b"", upgrade: bool = False, connection: bytes | None = None,
+          method: bytes = b"GET") -> bytes:
+    names = tuple(line.split(b":", 1)[0].lower() for line in add.split(b"\r\n") if line)
+    rules = h1.ResponseRules(add, names)
+    return h1.lower_response(h1.parse_response_head(raw, method, upgrade, rules), rules, connection)
+
+
 def test_response_hop_by_hop_headers_are_removed():
     raw = (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop, Content-Length, Transfer-Encoding\r\n"
            b"Keep-Alive: timeout=5\r\nX-Hop: 1\r\nProxy-Connection: x\r\nTrailer: X-Sum\r\nUpgrade: h2\r\n"
            b"Keep-Alive-Extra: kept\r\nContent-Length: 3\r\n\r\n")
-    out = h1.lower_response_head(raw, b"", False, None)
-    assert lines(out) == [b"HTTP/1.1 200 OK", b"Keep-Alive-Extra: kept", b"Content-Length: 3"]
+    assert lines(lower(raw)) == [b"HTTP/1.1 200 OK", b"Keep-Alive-Extra: kept", b"Content-Length: 3"]
     chunked = b"HTTP/1.1 200 OK\r\nConnection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n"
-    assert lines(h1.lower_response_head(chunked, b"", False, None)) == [b"HTTP/1.1 200 OK",
-                                                                         b"Transfer-Encoding: chunked"]
+    assert lines(lower(chunked)) == [b"HTTP/1.1 200 OK", b"Transfer-Encoding: chunked"]
 
 
 def test_response_connection_and_added_headers():
     raw = b"HTTP/1.1 200 OK\r\nX-Served-By: backend\r\nx-served-by: again\r\nContent-Length: 0\r\n\r\n"
-    out = h1.lower_response_head(raw, b"X-Served-By: lbc\r\n", False, b"close")
+    out = lower(raw, b"X-Served-By: lbc\r\n", connection=b"close")
     assert lines(out) == [b"HTTP/1.1 200 OK", b"Content-Length: 0", b"Connection: close", b"X-Served-By: lbc"]
-    keep = h1.lower_response_head(b"HTTP/1.0 200 OK\r\nConnection: close\r\n\r\n", b"", False, b"keep-alive")
+    keep = lower(b"HTTP/1.0 200 OK\r\nConnection: close\r\n\r\n", connection=b"keep-alive")
     assert lines(keep) == [b"HTTP/1.0 200 OK", b"Connection: keep-alive"]
     plain = b"HTTP/1.1 204 No Content\r\nDate: x\r\n\r\n"
-    assert h1.lower_response_head(plain, b"", False, None) is plain  # nothing to do: no copy
+    assert lower(plain) is plain  # nothing to do: no copy
 
 
 def test_switching_protocols_keeps_its_upgrade_pair():
     raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nKeep-Alive: 1\r\n\r\n"
-    out = h1.lower_response_head(raw, b"", True, None)
+    out = lower(raw, upgrade=True)
     assert lines(out) == [b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket", b"Connection: Upgrade"]
+
+
+def test_response_framing_and_reuse():
+    rules = h1.ResponseRules(b"", ())
+
+    def parse(raw: bytes, method: bytes = b"GET") -> h1.Response:
+        return h1.parse_response_head(raw, method, False, rules)
+
+    r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n")
+    assert (r.status, r.framing, r.length, r.keep_alive) == (200, h1.LENGTH, 12, True)
+    assert parse(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", b"HEAD").framing == h1.NO_BODY
+    assert parse(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 12\r\n\r\n").framing == h1.NO_BODY
+    assert parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").framing == h1.CHUNKED
+    closed = parse(b"HTTP/1.1 200 OK\r\nContent-Type: x\r\n\r\n")
+    assert (closed.framing, closed.keep_alive) == (h1.CLOSE_DELIMITED, False)
+    assert not parse(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").keep_alive
+    assert not parse(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n").keep_alive
+    assert parse(b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n").keep_alive
+    # the same length twice is one length; two lengths, or not a number, is a broken backend
+    assert parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n").length == 3
+    for bad in (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: -3\r\n\r\n",
+                b"HTTP/1.1 2000 OK\r\n\r\n", b"ICY 200 OK\r\n\r\n"):
+        with pytest.raises(h1.HeadError) as e:
+            parse(bad)
+        assert e.value.status == 502
 
 
 def test_error_response():
@@ -245,3 +276,15 @@ def test_error_response():
     assert b"\r\nConnection: close" in head and b"\r\nX-Request-ID: w0-9" in head
     assert b"\r\nContent-Length: %d" % len(body) in head and 0 < len(body) < 100
     assert b"Connection" not in h1.error_response(404, False)
+
+
+def test_a_backend_keep_alive_head_passes_unchanged_when_the_client_stays():
+    nginx = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n"
+             b"Connection: keep-alive\r\n\r\n")
+    assert lower(nginx) is nginx  # Connection: keep-alive is then lbc's own option: no copy
+    assert b"Connection: keep-alive" not in lower(nginx, connection=b"close")
+    assert lines(lower(nginx, connection=b"close"))[-1] == b"Connection: close"
+    with_timeout = nginx.replace(b"\r\n\r\n", b"\r\nKeep-Alive: timeout=5\r\n\r\n")
+    assert b"Keep-Alive" not in lower(with_timeout) and b"Connection" not in lower(with_timeout)
+    closing = nginx.replace(b"keep-alive", b"close")
+    assert b"Connection" not in lower(closing)  # the backend's close is not the client's

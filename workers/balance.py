@@ -64,11 +64,14 @@ class Balancer:
 
     def pick(self, members: Sequence[Member], key: bytes | None = None) -> Member | None:
         n = len(members)
+        i = self.next
         for _ in range(n):
-            m = members[self.next % n]
-            self.next += 1
-            if not is_full(m):
+            m = members[i % n]
+            i += 1
+            if not m.limit or m.active < m.limit:  # is_full, inline: this runs per request
+                self.next = i
                 return m
+        self.next = i
         return None
 
 

@@ -35,6 +35,7 @@ scans and one join, whatever its other headers are.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 HOP_BY_HOP = (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade")
@@ -70,6 +71,7 @@ class HeadRules:
     extra_names: tuple[bytes, ...] = ()  # names routes or hash keys read
     names: re.Pattern[bytes] = field(init=False, repr=False, compare=False)
     drop: frozenset[bytes] = field(init=False, repr=False, compare=False)
+    proto_line: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         wanted = dict.fromkeys(_ALWAYS + self.remove + self.add_names + self.extra_names)
@@ -79,6 +81,7 @@ class HeadRules:
         if self.forwarded:
             drop |= {b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-for"}
         object.__setattr__(self, "drop", frozenset(drop))
+        object.__setattr__(self, "proto_line", b"X-Forwarded-Proto: " + self.proto + b"\r\n")
 
 
 @dataclass(slots=True)
@@ -124,10 +127,20 @@ def _lines_with(low: bytes, name: bytes) -> list[tuple[int, int]]:
     return spans
 
 
+def _value(raw: bytes, found: dict[bytes, list[tuple[int, int]]], name: bytes) -> bytes | None:
+    spans = found.get(name)
+    if spans is None:
+        return None
+    start, end = spans[0]
+    return raw[start + 3 + len(name) : end].strip(b" \t")
+
+
 def parse_request_head(raw: bytes, method: bytes, url: bytes, version: bytes, rules: HeadRules,
-                       client_ip: bytes, new_id: bytes) -> Request:
+                       client_ip: bytes, new_id: Callable[[], bytes]) -> Request:
     """Check and lower one request head. `raw` ends with CRLFCRLF; method,
-    url and version come from llhttp, which accepted the head already."""
+    url and version come from llhttp, which accepted the head already.
+    (Written for the common case: a few dict lookups when the head holds
+    none of the headers the rules act on.)"""
     line_end = raw.find(b"\r\n")
     if line_end > rules.max_request_line:
         raise HeadError(414, "request line too long")
@@ -142,71 +155,83 @@ def parse_request_head(raw: bytes, method: bytes, url: bytes, version: bytes, ru
     # name -> [(start, end)] of each line with that name
     found: dict[bytes, list[tuple[int, int]]] = {}
     for m in rules.names.finditer(low):
-        found.setdefault(m.group(1), []).append((m.start(), low.find(b"\r\n", m.end())))
+        name = m.group(1)
+        span = (m.start(), low.find(b"\r\n", m.end()))
+        if name in found:
+            found[name].append(span)
+        else:
+            found[name] = [span]
 
-    def value(name: bytes) -> bytes | None:
-        spans = found.get(name)
-        if spans is None:
-            return None
-        start, end = spans[0]
-        return raw[start + 3 + len(name) : end].strip(b" \t")
-
-    def joined(name: bytes) -> bytes | None:
-        """All lines of a list-valued header, as one value (RFC 9110 5.3)."""
-        spans = found.get(name)
-        if spans is None:
-            return None
-        return b", ".join(raw[start + 3 + len(name) : end].strip(b" \t") for start, end in spans)
-
-    target, path, authority = _target(url)
+    if url[:1] == b"/":  # origin-form, the common case
+        q = url.find(b"?")
+        target, path, authority = url, (url if q < 0 else url[:q]), None
+    else:
+        target, path, authority = _target(url)
     hosts = found.get(b"host", ())
     if len(hosts) > 1:
         raise HeadError(400, "more than one Host header")
-    host_value = value(b"host") or b""
-    if not hosts and version == b"1.1" and authority is None:
-        raise HeadError(400, "missing Host header")
     if authority is not None:
         host_value = authority  # RFC 9112 3.2.2: the target's authority wins
-    host = _host_without_port(host_value.lower())
-
-    te = value(b"transfer-encoding")
-    if te is not None:
-        if te.lower() != b"chunked":
-            raise HeadError(400, "unsupported Transfer-Encoding")
-        framing, length = CHUNKED, 0
+    elif hosts:
+        host_value = raw[hosts[0][0] + 7 : hosts[0][1]].strip(b" \t")
+    elif version == b"1.1":
+        raise HeadError(400, "missing Host header")
     else:
-        cl = value(b"content-length")  # llhttp allows one, all digits
-        length = int(cl) if cl is not None else 0
-        framing = LENGTH if length else NO_BODY
+        host_value = b""
+    host = host_value.lower()
+    colon = host.rfind(b":")
+    if colon > 0 and host[0] != 91 and host[colon - 1] != 46:  # name:port (91 "[", 46 ".")
+        host = host[:colon]
+    elif colon >= 0 or host[-1:] == b".":
+        host = _host_without_port(host)
 
-    connection = value(b"connection")
-    tokens = _tokens(connection.lower()) if connection is not None else ()
-    keep_alive = (b"close" not in tokens) if version == b"1.1" else (b"keep-alive" in tokens)
-    upgrade = b"upgrade" in tokens and b"upgrade" in found
+    framing, length = NO_BODY, 0
+    if b"transfer-encoding" in found:
+        if _value(raw, found, b"transfer-encoding").lower() != b"chunked":
+            raise HeadError(400, "unsupported Transfer-Encoding")
+        framing = CHUNKED
+    elif b"content-length" in found:
+        length = int(_value(raw, found, b"content-length"))  # llhttp allows one, all digits
+        if length:
+            framing = LENGTH
 
     drop = rules.drop
-    if tokens:
-        drop = drop | {t for t in tokens if t not in _KEPT_TOKENS}
-    if upgrade:
-        drop = drop - {b"upgrade"}
-    spans = [span for name in drop for span in found.get(name, ())]
-    for name in drop.difference(found).difference(_ALWAYS, rules.remove, rules.add_names, rules.extra_names):
-        spans += _lines_with(low, name)  # names only Connection listed
+    if b"connection" in found:
+        tokens = _tokens(_value(raw, found, b"connection").lower())
+        keep_alive = (b"close" not in tokens) if version == b"1.1" else (b"keep-alive" in tokens)
+        upgrade = b"upgrade" in tokens and b"upgrade" in found
+        listed = {t for t in tokens if t not in _KEPT_TOKENS}
+        if listed:
+            drop = drop | listed
+        if upgrade:
+            drop = drop - {b"upgrade"}
+    else:
+        listed = ()
+        keep_alive, upgrade = version == b"1.1", False
+    spans = [] if drop.isdisjoint(found) else [span for name, ls in found.items() if name in drop for span in ls]
+    for name in listed:
+        if name not in found:
+            spans += _lines_with(low, name)  # names only Connection listed
 
-    extra = [rules.add]
-    request_id = None
+    extra = [rules.add] if rules.add else []
+    request_id = b""
     if rules.forwarded:
-        xff = joined(b"x-forwarded-for")
-        extra.append(b"X-Forwarded-For: " + (xff + b", " + client_ip if xff is not None else client_ip) + b"\r\n")
-        extra.append(b"X-Forwarded-Proto: " + rules.proto + b"\r\n")
+        if b"x-forwarded-for" in found:
+            xff = b", ".join(raw[start + 18 : end].strip(b" \t") for start, end in found[b"x-forwarded-for"])
+            extra.append(b"X-Forwarded-For: " + xff + b", " + client_ip + b"\r\n")
+        else:
+            extra.append(b"X-Forwarded-For: " + client_ip + b"\r\n")
+        extra.append(rules.proto_line)
         if host_value:
             extra.append(b"X-Forwarded-Host: " + host_value + b"\r\n")
-        request_id = value(b"x-request-id") if b"x-request-id" not in drop else None
-        if not request_id:
-            if request_id is not None:
+        if b"x-request-id" in found and b"x-request-id" not in drop:
+            start, end = found[b"x-request-id"][0]
+            request_id = raw[start + 15 : end].strip(b" \t")
+            if not request_id:
                 spans += found[b"x-request-id"]  # an empty one is replaced
-            request_id = new_id
-            extra.append(b"X-Request-ID: " + new_id + b"\r\n")
+        if not request_id:
+            request_id = new_id()
+            extra.append(b"X-Request-ID: " + request_id + b"\r\n")
     if framing == CHUNKED:
         extra.append(b"Transfer-Encoding: chunked\r\n")
     if upgrade:
@@ -214,23 +239,24 @@ def parse_request_head(raw: bytes, method: bytes, url: bytes, version: bytes, ru
     if authority is not None:
         spans += hosts
         extra.append(b"Host: " + host_value + b"\r\n")
-
-    # Request line (origin-form, the client's version), kept lines, added lines.
-    first = method + b" " + target + b" HTTP/" + version
-    if spans:
-        spans.sort()
-        parts = [first]
+    extra.append(b"\r\n")
+    # The request line as llhttp read it, unless it needs rewriting (absolute
+    # form, or extra spaces llhttp tolerates: those do not reach the backend).
+    as_read = authority is None and line_end == len(method) + len(url) + 10
+    if as_read and not spans:
+        head = b"".join([raw[: len(raw) - 2], *extra])
+    else:
+        parts = [raw[:line_end] if as_read else method + b" " + target + b" HTTP/" + version]
         pos = line_end
-        for start, end in spans:
+        for start, end in sorted(spans):
             if start >= pos:
                 parts.append(raw[pos:start])
                 pos = end
         parts.append(raw[pos : len(raw) - 2])  # ends with the last kept line's CRLF
-        head = b"".join(parts) + b"".join(extra) + b"\r\n"
-    else:
-        head = first + raw[line_end : len(raw) - 2] + b"".join(extra) + b"\r\n"
+        parts += extra
+        head = b"".join(parts)
     return Request(method, target, path, host, version, framing, length, keep_alive, upgrade, head,
-                   request_id or b"", low, raw)
+                   request_id, low, raw)
 
 
 def _target(url: bytes) -> tuple[bytes, bytes, bytes | None]:
@@ -267,49 +293,132 @@ def _tokens(value: bytes) -> tuple[bytes, ...]:
 
 # -- responses -------------------------------------------------------------------
 
+CLOSE_DELIMITED = 3  # response framing: the body runs until the backend closes
 _RESPONSE_HOP = (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade")
 _RESPONSE_KEPT_TOKENS = frozenset((b"close", b"keep-alive", b"upgrade", b"content-length", b"transfer-encoding"))
 
 
-def lower_response_head(raw: bytes, add: bytes, upgrade: bool, connection: bytes | None) -> bytes:
+@dataclass(frozen=True, slots=True)
+class ResponseRules:
+    """What a listener does to response heads; built once per table load."""
+
+    add: bytes  # precomputed "Name: value\r\n" lines (they replace the backend's)
+    add_names: tuple[bytes, ...]  # lowercase
+    names: re.Pattern[bytes] = field(init=False, repr=False, compare=False)
+    drop: frozenset[bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        wanted = dict.fromkeys(_RESPONSE_HOP + (b"content-length", b"transfer-encoding") + self.add_names)
+        pattern = rb"\r\n(" + b"|".join(re.escape(n) for n in sorted(wanted, key=len, reverse=True)) + rb"):"
+        object.__setattr__(self, "names", re.compile(pattern))
+        object.__setattr__(self, "drop", frozenset(_RESPONSE_HOP + self.add_names))
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    framing: int  # NO_BODY, LENGTH, CHUNKED or CLOSE_DELIMITED
+    length: int  # for LENGTH
+    keep_alive: bool  # the backend's connection may carry another request
+    upgrade: bool  # a 101 to an upgrade request: the connection becomes a tunnel
+    raw: bytes
+    found: dict[bytes, list[tuple[int, int]]]  # header name -> line spans, for lower_response
+    listed: tuple[bytes, ...]  # other header names the backend's Connection header lists
+    connection: bytes  # the backend's Connection value, lowercase (b"" without one)
+
+
+def parse_response_head(raw: bytes, method: bytes, upgrade_requested: bool, rules: ResponseRules) -> Response:
+    """Framing and reuse of a final (not 1xx) response head. A head lbc
+    cannot frame unambiguously is a broken backend: HeadError(502)."""
+    if raw[:7] != b"HTTP/1." or raw[8:9] != b" " or not raw[9:12].isdigit() or raw[12:13] not in (b" ", b"\r"):
+        raise HeadError(502, "bad status line from the backend")
+    status = int(raw[9:12])
+    low = raw.lower()
+    found: dict[bytes, list[tuple[int, int]]] = {}
+    for m in rules.names.finditer(low):
+        name = m.group(1)
+        span = (m.start(), low.find(b"\r\n", m.end()))
+        if name in found:
+            found[name].append(span)
+        else:
+            found[name] = [span]
+    keep_alive = raw[7:8] == b"1"
+    listed: tuple[bytes, ...] = ()
+    connection = b""
+    if b"connection" in found:
+        start, end = found[b"connection"][0]
+        connection = low[start + 13 : end].strip(b" \t")
+        if connection == b"keep-alive" or connection == b"close":  # the common values, without a split
+            tokens: tuple[bytes, ...] = (connection,)
+        else:
+            tokens = _tokens(connection)
+            listed = tuple(t for t in tokens if t not in _RESPONSE_KEPT_TOKENS)
+        keep_alive = b"keep-alive" in tokens if raw[7:8] == b"0" else b"close" not in tokens
+    upgrade = status == 101 and upgrade_requested
+    length = 0
+    if upgrade or method == b"HEAD" or status in (204, 304):
+        framing = NO_BODY
+    elif b"transfer-encoding" in found:
+        chunked = _value(raw, found, b"transfer-encoding").lower().endswith(b"chunked")
+        framing = CHUNKED if chunked else CLOSE_DELIMITED
+    elif b"content-length" in found:
+        lines = found[b"content-length"]
+        if len(lines) == 1:
+            value = raw[lines[0][0] + 17 : lines[0][1]].strip(b" \t")
+        else:  # the same length repeated is one length; different ones are not
+            values = {raw[start + 17 : end].strip(b" \t") for start, end in lines}
+            value = values.pop() if len(values) == 1 else b""
+        if not value.isdigit():
+            raise HeadError(502, "bad Content-Length from the backend")
+        length = int(value)
+        framing = LENGTH if length else NO_BODY
+    else:
+        framing = CLOSE_DELIMITED
+    if framing == CLOSE_DELIMITED:
+        keep_alive = False
+    return Response(status, framing, length, keep_alive, upgrade, raw, found, listed, connection)
+
+
+def lower_response(resp: Response, rules: ResponseRules, connection: bytes | None) -> bytes:
     """The head to send to the client: hop-by-hop headers removed (but the
     upgrade pair of a 101), the listener's response headers set, and a
     Connection header when the client needs one (`close` when the connection
     ends after this response, `keep-alive` for an HTTP/1.0 client that keeps
     it). Transfer-Encoding is kept: the body is passed through as framed,
     and the backend saw the client's HTTP version, so it framed for it; for
-    the same reason a Connection header cannot remove it or Content-Length."""
-    low = raw.lower()
-    spans: list[tuple[int, int]] = []
-    listed = header_value(raw, low, b"connection")
-    names = set(_RESPONSE_HOP)
-    if listed is not None:
-        names.update(t for t in _tokens(listed.lower()) if t not in _RESPONSE_KEPT_TOKENS)
-    if upgrade:
-        names.discard(b"upgrade")
-        names.discard(b"connection")
-    for name in names:
-        if b"\r\n" + name + b":" in low:
-            spans += _lines_with(low, name)
-    if add:
-        for line in add.split(b"\r\n"):
-            if line:
-                name = line.split(b":", 1)[0].lower()
-                if b"\r\n" + name + b":" in low:
-                    spans += _lines_with(low, name)
-    if not spans and not add and connection is None:
+    the same reason a Connection header cannot remove it or Content-Length.
+
+    When lbc keeps the client connection open (`connection` None) and the
+    backend's only hop-by-hop header is one `Connection: keep-alive`, the head
+    goes out as it came: that line is then exactly lbc's own control option,
+    which RFC 9110 7.6.1 lets an intermediary send in its place."""
+    raw, found = resp.raw, resp.found
+    drop = rules.drop
+    if connection is None and not rules.add and not resp.upgrade and not resp.listed:
+        hop = [name for name in found if name in drop]
+        if not hop or (hop == [b"connection"] and resp.connection == b"keep-alive"
+                       and len(found[b"connection"]) == 1 and raw[7:8] == b"1"):
+            return raw
+    if resp.listed:
+        drop = drop.union(resp.listed)
+    if resp.upgrade:
+        drop = drop - {b"upgrade", b"connection"}
+    spans = [span for name, lines in found.items() if name in drop for span in lines]
+    for name in resp.listed:
+        if name not in found:
+            spans += _lines_with(raw.lower(), name)  # names only Connection listed
+    if not spans and not rules.add and connection is None:
         return raw
-    spans.sort()
     parts = []
     pos = 0
-    for start, end in spans:
+    for start, end in sorted(spans):
         if start >= pos:
             parts.append(raw[pos:start])
             pos = end
     parts.append(raw[pos : len(raw) - 2])
     if connection is not None:
         parts.append(b"Connection: " + connection + b"\r\n")
-    parts.append(add)
+    parts.append(rules.add)
     parts.append(b"\r\n")
     return b"".join(parts)
 

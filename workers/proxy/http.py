@@ -65,6 +65,7 @@ IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"
 MAX_PENDING = 256 * 1024  # body bytes buffered while connecting, before reading pauses
 MAX_RESPONSE_HEAD = 64 * 1024
 MAX_IDLE_PER_BACKEND = 64
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
 class _HeadParse:
@@ -79,28 +80,27 @@ class _HeadParse:
         self.url += url
 
 
-class _ResponseEnd:
-    """llhttp callbacks for one response: only where it ends, and whether
-    the backend keeps the connection (read inside on_message_complete: after
-    feed_data returns, llhttp always says False)."""
+class _ChunkedEnd:
+    """llhttp finding where a chunked response body ends (the bytes pass
+    through as they came; only the end matters). Fed the head first so that
+    it knows the framing."""
 
-    __slots__ = ("done", "keep_alive", "parser")
+    __slots__ = ("done", "parser")
 
-    def __init__(self) -> None:
+    def __init__(self, head: bytes) -> None:
         self.done = False
-        self.keep_alive = False
         self.parser = httptools.HttpResponseParser(self)
+        self.parser.feed_data(head)
 
     def on_message_complete(self) -> None:
         self.done = True
-        self.keep_alive = self.parser.should_keep_alive()
 
 
 class Upstream(asyncio.Protocol):
     """A connection to a backend. Between requests it sits in the backend's
     idle list; while a request uses it, `owner` is that client."""
 
-    __slots__ = ("worker", "backend", "transport", "owner", "closed", "idle_since")
+    __slots__ = ("worker", "backend", "transport", "owner", "closed", "idle_since", "read_paused")
 
     def __init__(self, worker: Worker, backend: BackendRuntime) -> None:
         self.worker = worker
@@ -109,6 +109,7 @@ class Upstream(asyncio.Protocol):
         self.owner = None
         self.closed = False
         self.idle_since = 0.0
+        self.read_paused = False  # by its client's full write buffer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -147,27 +148,20 @@ class Upstream(asyncio.Protocol):
             self.owner.resume_reading("upstream")
 
 
-def acquire_idle(backend: BackendRuntime) -> Upstream | None:
-    idle = backend.idle
-    while idle:
-        up = idle.pop()
-        if not up.closed:
-            return up
-    return None
-
-
 def release(up: Upstream, reusable: bool) -> None:
     backend = up.backend
     backend.busy.discard(up)
     up.owner = None
-    if reusable and not up.closed and backend.removed_at is None and backend.enabled:
+    if reusable and backend.removed_at is None and backend.enabled and not up.closed:
         idle = backend.idle
         if len(idle) >= MAX_IDLE_PER_BACKEND:
             idle.pop(0).transport.close()
-        up.idle_since = up.worker.loop.time()
+        up.idle_since = up.worker.now
         # Reading may be paused for the slow client this response went to;
         # an idle connection reads again (the next response, or the close).
-        up.transport.resume_reading()
+        if up.read_paused:
+            up.read_paused = False
+            up.transport.resume_reading()
         idle.append(up)
     elif not up.closed:
         up.transport.close()
@@ -180,7 +174,7 @@ class HttpClient(asyncio.Protocol):
         "worker", "key", "listener", "transport", "peer", "state", "buf", "deadline", "deadline_status",
         "paused", "closing", "eof", "req", "pool", "backend", "up", "reused", "attempts", "pending",
         "pending_bytes", "body_left", "chunks", "req_done", "resp", "resp_buf", "resp_started",
-        "resp_close_delimited", "resp_bytes", "router", "tunnel_eof", "in_heads", "more",
+        "resp_left", "resp_end", "resp_bytes", "router", "tunnel_eof", "in_heads", "more", "head_cb",
     )
 
     def __init__(self, worker: Worker, key) -> None:
@@ -204,6 +198,10 @@ class HttpClient(asyncio.Protocol):
         self.resp_started = False
         self.in_heads = False  # _heads is running (requests answered inside it loop, not recurse)
         self.more = False
+        self.head_cb = _HeadParse()
+        self.resp_buf = b""
+        self.pending = []
+        self.chunks = None
 
     # -- asyncio callbacks: client side ---------------------------------------
 
@@ -215,20 +213,24 @@ class HttpClient(asyncio.Protocol):
         self.worker.clients.add(self)
         self.worker.connections_opened += 1
         # Before the first byte, a silent connection gets the header timeout.
-        self.deadline = self.worker.loop.time() + (self.listener.header_s if self.listener else 1.0)
+        self.deadline = self.worker.now + (self.listener.header_s if self.listener else 1.0)
         self.deadline_status = 408
 
     def data_received(self, data: bytes) -> None:
         state = self.state
         if state == HEAD:
             if not self.buf:
-                self.deadline = self.worker.loop.time() + self.listener.header_s
+                # The common case: exactly one whole head, no copy into the buffer.
+                if data.find(b"\r\n\r\n") == len(data) - 4 and data[:2] != b"\r\n" and not self.in_heads:
+                    self._start(data)
+                    return
+                self.deadline = self.worker.now + self.listener.header_s
                 self.deadline_status = 408
             self.buf += data
             self._heads()
         elif state == TUNNEL:
             self.up.transport.write(data)
-            self.deadline = self.worker.loop.time() + self.listener.idle_s
+            self.deadline = self.worker.now + self.listener.idle_s
         elif not self.req_done:
             self._body(data)
         else:
@@ -265,11 +267,13 @@ class HttpClient(asyncio.Protocol):
         # wait) and from its backend.
         self.pause_reading("writing")
         if self.up is not None and not self.up.closed:
+            self.up.read_paused = True
             self.up.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.resume_reading("writing")
         if self.up is not None and not self.up.closed:
+            self.up.read_paused = False
             self.up.transport.resume_reading()
         elif self.state == HEAD and self.buf:
             self._heads()
@@ -314,7 +318,7 @@ class HttpClient(asyncio.Protocol):
         rules = listener.rules
         if end < 0:
             if not buf:
-                self.deadline = self.worker.loop.time() + listener.idle_s
+                self.deadline = self.worker.now + listener.idle_s
                 self.deadline_status = 0
                 return
             first = buf.find(b"\r\n")
@@ -331,6 +335,10 @@ class HttpClient(asyncio.Protocol):
             return
         raw = bytes(buf[: end + 4])
         del buf[: end + 4]
+        self._start(raw)
+
+    def _start(self, raw: bytes) -> None:
+        """A whole request head: check it, route it, send it on."""
         # The live router, and this listener in it; the request keeps both.
         router = self.worker.router
         listener = router.listeners.get(self.key)
@@ -338,7 +346,8 @@ class HttpClient(asyncio.Protocol):
             self.transport.close()  # the listener was removed: close between requests
             return
         self.listener = listener
-        cb = _HeadParse()
+        cb = self.head_cb
+        cb.url = b""
         parser = httptools.HttpRequestParser(cb)
         try:
             parser.feed_data(raw)
@@ -353,28 +362,31 @@ class HttpClient(asyncio.Protocol):
             return
         worker = self.worker
         try:
-            req = h1.parse_request_head(raw, method, cb.url, parser.get_http_version().encode(), listener.rules,
-                                        self.peer, worker.next_request_id())
+            req = h1.parse_request_head(raw, method, cb.url, _VERSIONS.get(parser.get_http_version(), b"?"),
+                                        listener.rules, self.peer, worker.next_request_id)
         except h1.HeadError as e:
             self._reject(e.status, e.reason)
             return
         worker.requests += 1
         self.req = req
         self.router = router
-        self.closing = self.closing or not req.keep_alive
-        max_body = listener.spec.limits.max_body
-        if max_body and req.framing == h1.LENGTH and req.length > max_body:
-            self._reject(413, "request body too large")
-            return
-        self.body_left = req.length if req.framing == h1.LENGTH else 0
-        self.chunks = ChunkedDecoder() if req.framing == h1.CHUNKED else None
-        self.req_done = req.framing == h1.NO_BODY
-        self.pending = []
+        if not req.keep_alive:
+            self.closing = True
+        framing = req.framing
+        if framing == h1.NO_BODY:
+            self.req_done = True
+        else:
+            max_body = listener.spec.limits.max_body
+            if max_body and framing == h1.LENGTH and req.length > max_body:
+                self._reject(413, "request body too large")
+                return
+            self.body_left = req.length if framing == h1.LENGTH else 0
+            self.chunks = ChunkedDecoder() if framing == h1.CHUNKED else None
+            self.req_done = False
+        self.pending = []  # what was sent, kept for a retry (None once a body streams through)
         self.pending_bytes = 0
         self.attempts = 0
         self.resp = None
-        self.resp_buf = bytearray()
-        self.resp_started = False
         self.resp_bytes = 0
         pool = listener.route(req)
         if pool is None:
@@ -382,7 +394,7 @@ class HttpClient(asyncio.Protocol):
             return
         self.pool = pool
         self.state = CONNECTING
-        self.deadline = worker.loop.time() + listener.connect_s + listener.response_s
+        self.deadline = worker.now + listener.connect_s + listener.response_s
         self.deadline_status = 504
         if self.buf and not self.req_done:
             data = bytes(self.buf)
@@ -432,7 +444,7 @@ class HttpClient(asyncio.Protocol):
         if up is not None and self.state == FORWARDING:
             up.transport.write(data)
             self.pending = None  # sent without a copy: no replay
-            self.deadline = self.worker.loop.time() + self.listener.response_s
+            self.deadline = self.worker.now + self.listener.response_s
         else:
             self.pending.append(data)
             self.pending_bytes += len(data)
@@ -443,12 +455,12 @@ class HttpClient(asyncio.Protocol):
 
     def _dispatch(self) -> None:
         pool: PoolRuntime = self.pool
-        backend = pool.pick(pool.key_for(self.req, self.peer) if pool.hash_key else None)
+        backend = pool.balancer.pick(pool.members, pool.key_for(self.req, self.peer) if pool.hash_key else None)
         if backend is None:
             if pool.members:
                 # Every backend is at max_connections: wait for a free one,
                 # up to the connect timeout (the sweep answers 503 after it).
-                self.deadline = self.worker.loop.time() + self.listener.connect_s
+                self.deadline = self.worker.now + self.listener.connect_s
                 self.deadline_status = 503
                 self.worker.wait_for_backend(pool.name, self)
             else:
@@ -458,11 +470,13 @@ class HttpClient(asyncio.Protocol):
         backend.active += 1
         backend.requests += 1
         self.worker.dirty.add(backend)
-        up = acquire_idle(backend)
-        if up is not None:
-            self._attach(up, reused=True)
-        else:
-            self.worker.loop.create_task(self._connect(backend))
+        idle = backend.idle
+        while idle:
+            up = idle.pop()
+            if not up.closed:
+                self._attach(up, reused=True)
+                return
+        self.worker.loop.create_task(self._connect(backend))
 
     async def _connect(self, backend: BackendRuntime) -> None:
         worker = self.worker
@@ -485,7 +499,7 @@ class HttpClient(asyncio.Protocol):
         return self.state == CONNECTING and self.backend is None and self.up is None
 
     def retry_dispatch(self) -> None:
-        self.deadline = self.worker.loop.time() + self.listener.connect_s + self.listener.response_s
+        self.deadline = self.worker.now + self.listener.connect_s + self.listener.response_s
         self.deadline_status = 504
         self._dispatch()
 
@@ -495,7 +509,7 @@ class HttpClient(asyncio.Protocol):
         up.owner = self
         self.backend.busy.add(up)
         self.state = FORWARDING
-        self.deadline = self.worker.loop.time() + self.listener.response_s
+        self.deadline = self.worker.now + self.listener.response_s
         self.deadline_status = 504
         write = up.transport.write
         write(self.req.head)
@@ -503,7 +517,8 @@ class HttpClient(asyncio.Protocol):
             write(piece)
         if not self.req_done:
             self.pending = None  # the rest streams straight through: no replay
-        self.resume_reading("connecting")
+        if self.paused:
+            self.resume_reading("connecting")
 
     def _upstream_failed(self, status: int, sent: bool) -> None:
         """The backend connection failed before any byte of a response. Retry
@@ -530,60 +545,48 @@ class HttpClient(asyncio.Protocol):
         self._respond_error(status)
 
     def upstream_data(self, data: bytes) -> None:
-        self.deadline = self.worker.loop.time() + self.listener.response_s
+        self.deadline = self.worker.now + self.listener.response_s
         if self.state == TUNNEL:
             self.transport.write(data)
             return
         self.resp_bytes += len(data)
         if self.resp is None:
-            self.resp_buf += data
-            self._response_head()
-            return
-        self.transport.write(data)
-        self._feed_response(data)
+            self._response_head(self.resp_buf + data if self.resp_buf else data)
+        else:
+            self._response_body(data, b"")
 
-    def _response_head(self) -> None:
-        buf = self.resp_buf
+    def _response_head(self, buf: bytes) -> None:
+        """The response head (after any 1xx interim ones) is complete in
+        `buf`: frame it, lower it, and send it with the first body bytes in
+        one write."""
         while True:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > MAX_RESPONSE_HEAD:
                     self._backend_broken(502)
+                else:
+                    self.resp_buf = buf
                 return
-            raw = bytes(buf[: end + 4])
-            rest = bytes(buf[end + 4 :])
-            if raw[:7] != b"HTTP/1." or raw[8:9] != b" " or not raw[9:12].isdigit():
-                self._backend_broken(502)
-                return
-            status = int(raw[9:12])
-            if 100 <= status < 200 and status != 101:
-                self.transport.write(raw)  # interim (100 Continue, 103): pass on, wait for the final one
-                del buf[: end + 4]
+            if buf[9:10] == b"1" and buf[9:12] != b"101":
+                self.transport.write(buf[: end + 4])  # interim (100 Continue, 103): pass on, wait for the final one
+                buf = buf[end + 4 :]
                 continue
             break
-        self.resp_buf = bytearray()
-        self.resp_started = True
+        self.resp_buf = b""
+        raw, rest = buf[: end + 4], buf[end + 4 :]
         req = self.req
-        upgrade = status == 101 and req.upgrade
-        resp = _ResponseEnd()
-        self.resp = resp
         try:
-            resp.parser.feed_data(raw)
-        except httptools.HttpParserUpgrade:
-            pass
-        except httptools.HttpParserError:
-            self._backend_broken(502)
+            resp = h1.parse_response_head(raw, req.method, req.upgrade, self.listener.response_rules)
+        except h1.HeadError as e:
+            self._backend_broken(e.status)
             return
-        low = raw.lower()
-        self.resp_close_delimited = (
-            not upgrade and status not in (204, 304) and req.method != b"HEAD"
-            and b"\r\ncontent-length:" not in low and b"\r\ntransfer-encoding:" not in low
-        )
-        if self.resp_close_delimited or not self.req_done:
+        self.resp = resp
+        self.resp_started = True
+        if resp.framing == h1.CLOSE_DELIMITED or not self.req_done or self.worker.draining or (
+            self.router is not self.worker.router and self.key not in self.worker.router.listeners
+        ):
             self.closing = True
-        if self.worker.draining or self.router is not self.worker.router and self.key not in self.worker.router.listeners:
-            self.closing = True
-        if upgrade:
+        if resp.upgrade:
             connection = None
         elif self.closing:
             connection = b"close"
@@ -591,37 +594,62 @@ class HttpClient(asyncio.Protocol):
             connection = b"keep-alive"
         else:
             connection = None
-        self.transport.write(h1.lower_response_head(raw, self.listener.response_add, upgrade, connection))
-        if upgrade:
+        head = h1.lower_response(resp, self.listener.response_rules, connection)
+        if resp.upgrade:
+            self.transport.write(head + rest)
             self.state = TUNNEL
-            self.deadline = self.worker.loop.time() + self.listener.idle_s
+            self.deadline = self.worker.now + self.listener.idle_s
             self.deadline_status = 0
-            if rest:
-                self.transport.write(rest)
             if self.buf:  # sent behind the head, before the 101: the tunnel's first bytes
                 self.up.transport.write(bytes(self.buf))
                 self.buf.clear()
             self.resume_reading("pipeline")
             return
-        if req.method == b"HEAD" or status in (204, 304):
-            resp.done, resp.keep_alive = True, b"\r\nconnection: close" not in low
-            self._response_done()
-            return
-        if rest:
-            self.transport.write(rest)
-            self._feed_response(rest)
-        elif resp.done:
-            self._response_done()
+        if resp.framing == h1.LENGTH:
+            if head is raw and len(rest) == resp.length:
+                # The common case: the whole response in one read, passed on unchanged.
+                self.transport.write(buf)
+                self._response_done()
+                return
+            self.resp_left = resp.length
+        elif resp.framing == h1.CHUNKED:
+            try:
+                self.resp_end = _ChunkedEnd(raw)
+            except httptools.HttpParserError:
+                self._backend_broken(502)
+                return
+        self._response_body(rest, head)
 
-    def _feed_response(self, data: bytes) -> None:
-        resp = self.resp
-        try:
-            resp.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._backend_broken(None)
-            return
-        if resp.done:
-            self._response_done()
+    def _response_body(self, data: bytes, head: bytes) -> None:
+        """Body bytes (after `head`, when the head goes in the same write)."""
+        framing = self.resp.framing
+        if framing == h1.LENGTH:
+            left = self.resp_left
+            if len(data) < left:
+                self.resp_left = left - len(data)
+                self.transport.write(head + data if head else data)
+                return
+            if len(data) > left:
+                self.resp.keep_alive = False  # bytes past the response: the backend is confused
+                data = data[:left]
+            self.resp_left = 0
+        elif framing == h1.CHUNKED:
+            try:
+                self.resp_end.parser.feed_data(data)
+            except httptools.HttpParserError:
+                self._backend_broken(None if self.resp_started and not head else 502)
+                return
+            if not self.resp_end.done:
+                self.transport.write(head + data if head else data)
+                return
+        elif framing == h1.CLOSE_DELIMITED:
+            self.transport.write(head + data if head else data)
+            return  # until the backend closes
+        elif data:  # NO_BODY (HEAD, 204, 304) with bytes after it: the backend is confused
+            self.resp.keep_alive = False
+            data = b""
+        self.transport.write(head + data if head else data)
+        self._response_done()
 
     def upstream_eof(self) -> bool:
         if self.state == TUNNEL:
@@ -643,8 +671,7 @@ class HttpClient(asyncio.Protocol):
                 self._backend_broken(502)
             else:
                 self._upstream_failed(502, sent=True)
-        elif self.resp_close_delimited:
-            self.resp.done, self.resp.keep_alive = True, False
+        elif self.resp.framing == h1.CLOSE_DELIMITED:
             self._response_done()
         else:
             self._backend_broken(None)  # cut off mid-body: the client cannot be told otherwise
@@ -678,6 +705,14 @@ class HttpClient(asyncio.Protocol):
         if up is not None:
             release(up, reusable=self.resp.keep_alive and self.req_done and not up.closed)
         self._release_backend()
+        if not self.buf and not self.paused and not self.closing and not self.eof and not self.worker.draining:
+            # The common case, inline: an idle keep-alive connection.
+            self.req = self.resp = None
+            self.state = HEAD
+            self.resp_started = False
+            self.deadline = self.worker.now + self.listener.idle_s
+            self.deadline_status = 0
+            return
         self._next_request()
 
     def _release_backend(self) -> None:
@@ -685,8 +720,10 @@ class HttpClient(asyncio.Protocol):
         if backend is not None:
             self.backend = None
             backend.active -= 1
-            self.worker.dirty.add(backend)
-            self.worker.backend_freed(backend)
+            worker = self.worker
+            worker.dirty.add(backend)
+            if worker.waiters or backend.removed_at is not None:
+                worker.backend_freed(backend)
 
     def _next_request(self) -> None:
         self.req = None
@@ -697,9 +734,13 @@ class HttpClient(asyncio.Protocol):
             return
         self.state = HEAD
         self.resp_started = False
+        if not self.buf and not self.paused:
+            self.deadline = self.worker.now + self.listener.idle_s  # the common case: idle keep-alive
+            self.deadline_status = 0
+            return
         # Bytes already buffered are the start of the next head: its deadline
         # runs from now (_head makes it the idle one when there are none).
-        self.deadline = self.worker.loop.time() + self.listener.header_s
+        self.deadline = self.worker.now + self.listener.header_s
         self.deadline_status = 408
         self.resume_reading("pipeline")
         self._heads()

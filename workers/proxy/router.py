@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable
 
 from lbc_workers import balance
-from lbc_workers.proxy.h1 import HeadRules, Request
+from lbc_workers.proxy.h1 import HeadRules, Request, ResponseRules
 
 from lbc import table as tablemod
 from lbc.state import slot_key
@@ -103,7 +103,7 @@ def cookie_value(header: bytes, name: bytes) -> bytes | None:
 
 
 class CompiledRoute:
-    __slots__ = ("host", "suffix", "prefix", "regex", "methods", "headers", "pool")
+    __slots__ = ("host", "suffix", "prefix", "regex", "methods", "headers", "pool", "simple")
 
     def __init__(self, spec: tablemod.Route, pool: PoolRuntime) -> None:
         m = spec.match
@@ -111,6 +111,7 @@ class CompiledRoute:
         self.host = self.suffix = self.prefix = self.regex = None
         self.methods: frozenset[bytes] = frozenset()
         self.headers: tuple[tuple[bytes, bytes], ...] = ()
+        self.simple = True  # nothing to check but the path prefix, if any
         if m is None:
             return
         if m.host is not None:
@@ -124,6 +125,7 @@ class CompiledRoute:
             self.regex = re.compile(m.path_regex.encode())
         self.methods = frozenset(x.encode() for x in m.methods)
         self.headers = tuple((n.encode(), v.encode()) for n, v in m.headers)
+        self.simple = not (self.host or self.suffix or self.regex or self.methods or self.headers)
 
     def matches(self, req: Request) -> bool:
         if self.host is not None and req.host != self.host:
@@ -150,7 +152,7 @@ class CompiledRoute:
 
 
 class ListenerRuntime:
-    __slots__ = ("spec", "name", "key", "protocol", "routes", "pool", "rules", "response_add",
+    __slots__ = ("spec", "name", "key", "protocol", "routes", "pool", "rules", "response_rules",
                  "idle_s", "header_s", "connect_s", "response_s")
 
     def __init__(self, spec: tablemod.Listener, pools: dict[str, PoolRuntime]) -> None:
@@ -176,11 +178,17 @@ class ListenerRuntime:
             forwarded=spec.forwarded_headers,
             proto=b"https" if spec.protocol == "https" else b"http",
         )
-        self.response_add = b"".join(f"{n}: {v}\r\n".encode() for n, v in spec.add_response_headers)
+        self.response_rules = ResponseRules(
+            add=b"".join(f"{n}: {v}\r\n".encode() for n, v in spec.add_response_headers),
+            add_names=tuple(n.encode() for n, _ in spec.add_response_headers),
+        )
 
     def route(self, req: Request) -> PoolRuntime | None:
         for r in self.routes:
-            if r.matches(req):
+            # Conditions inline (a route is usually a prefix, or nothing).
+            if r.prefix is not None and not req.path.startswith(r.prefix):
+                continue
+            if r.simple or r.matches(req):
                 return r.pool
         return None
 

@@ -100,7 +100,7 @@ class TcpClient(asyncio.Protocol):
         backend.requests += 1
         worker.dirty.add(backend)
         transport.pause_reading()
-        self.deadline = worker.loop.time() + listener.connect_s
+        self.deadline = worker.now + listener.connect_s
         worker.loop.create_task(self._connect(backend, listener.connect_s))
 
     async def _connect(self, backend: BackendRuntime, timeout: float) -> None:
@@ -123,11 +123,11 @@ class TcpClient(asyncio.Protocol):
         self.pending = []
         if self.eofs & 1:
             up.transport.write_eof()
-        self.deadline = self.worker.loop.time() + self.idle_s
+        self.deadline = self.worker.now + self.idle_s
         self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        self.deadline = self.worker.loop.time() + self.idle_s
+        self.deadline = self.worker.now + self.idle_s
         up = self.up
         if up is None:
             self.pending.append(data)
@@ -137,7 +137,7 @@ class TcpClient(asyncio.Protocol):
         backend.bytes_in += len(data)
 
     def from_backend(self, data: bytes) -> None:
-        self.deadline = self.worker.loop.time() + self.idle_s
+        self.deadline = self.worker.now + self.idle_s
         self.transport.write(data)
         self.backend.bytes_out += len(data)
 

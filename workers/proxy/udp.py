@@ -53,7 +53,7 @@ class UdpSession:
         self.transport: asyncio.DatagramTransport | None = None
         self.queue: list[bytes] = []
         self.idle_s = idle_s
-        self.deadline = listener.worker.loop.time() + idle_s
+        self.deadline = listener.worker.now + idle_s
         self.deadline_status = 0
         self.closed = False
 
@@ -76,7 +76,7 @@ class UdpSession:
         self.queue = []
 
     def to_backend(self, data: bytes) -> None:
-        self.deadline = self.listener.worker.loop.time() + self.idle_s
+        self.deadline = self.listener.worker.now + self.idle_s
         self.backend.bytes_in += len(data)
         if self.transport is None:
             if len(self.queue) < MAX_QUEUED:
@@ -85,7 +85,7 @@ class UdpSession:
             self.transport.sendto(data)
 
     def from_backend(self, data: bytes) -> None:
-        self.deadline = self.listener.worker.loop.time() + self.idle_s
+        self.deadline = self.listener.worker.now + self.idle_s
         self.backend.bytes_out += len(data)
         self.listener.reply(data, self.client)
 

@@ -76,6 +76,9 @@ class Worker:
         self._reload_lock = asyncio.Lock()
         self._reload_again = False
         self.stopped = asyncio.Event()
+        # The clock deadlines are set from: refreshed by housekeeping, since
+        # timeouts are swept once a second anyway (no clock read per request).
+        self.now = loop.time()
         self.shm = shmmod.Shm(state.run / "shm", writable=True)
         self.publish_backend = self.shm.backend_writer(slot)
 
@@ -89,12 +92,16 @@ class Worker:
         self.waiters.setdefault(pool, deque()).append(client)
 
     def backend_freed(self, backend: BackendRuntime) -> None:
+        """Called when a request leaves a backend that has waiters or drains
+        (the hot path checks both before calling)."""
         waiting = self.waiters.get(backend.pool)
         while waiting:
             client = waiting.popleft()
             if client.waiting_for_backend():
                 client.retry_dispatch()
                 break
+        if waiting is not None and not waiting:
+            del self.waiters[backend.pool]  # empty: the hot path skips this call again
         if backend.removed_at is not None and backend.active <= 0 and not backend.busy:
             self.retired.pop(backend.key, None)
 
@@ -216,8 +223,8 @@ class Worker:
         next_sweep = self.loop.time() + SWEEP_EVERY
         while not self.stopped.is_set():
             await asyncio.sleep(PUBLISH_EVERY)
+            self.now = now = self.loop.time()
             self.publish()
-            now = self.loop.time()
             if now >= next_sweep:
                 next_sweep = now + SWEEP_EVERY
                 self.sweep(now)
