@@ -17,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from lbc.config import load
-from lbc.compiler import compile_config
-from lbc.state import slot_key
 from lbc_workers.proxy import http
 from lbc_workers.proxy.router import Router
+
+from lbc.compiler import compile_config
+from lbc.config import load
+from lbc.state import slot_key
 
 HERE = Path(__file__).resolve().parent
 CONFIG = """\
