@@ -113,6 +113,7 @@ class Upstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.backend.conns.add(self)
 
     def data_received(self, data: bytes) -> None:
         owner = self.owner
@@ -130,7 +131,7 @@ class Upstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         backend = self.backend
-        backend.busy.discard(self)
+        backend.conns.discard(self)
         if self.owner is not None:
             self.owner.upstream_lost(self)
         else:
@@ -150,7 +151,6 @@ class Upstream(asyncio.Protocol):
 
 def release(up: Upstream, reusable: bool) -> None:
     backend = up.backend
-    backend.busy.discard(up)
     up.owner = None
     if reusable and backend.removed_at is None and backend.enabled and not up.closed:
         idle = backend.idle
@@ -257,7 +257,6 @@ class HttpClient(asyncio.Protocol):
         if up is not None:
             self.up = None
             up.owner = None
-            up.backend.busy.discard(up)
             if not up.closed:
                 up.transport.abort()  # its response was not read to the end
         self._release_backend()
@@ -507,7 +506,6 @@ class HttpClient(asyncio.Protocol):
         self.up = up
         self.reused = reused
         up.owner = self
-        self.backend.busy.add(up)
         self.state = FORWARDING
         self.deadline = self.worker.now + self.listener.response_s
         self.deadline_status = 504
@@ -695,7 +693,6 @@ class HttpClient(asyncio.Protocol):
         self.up = None
         if up is not None:
             up.owner = None
-            up.backend.busy.discard(up)
             if not up.closed:
                 up.transport.abort()
 

@@ -32,7 +32,7 @@ class BackendRuntime:
     __slots__ = (
         "key", "id", "pool", "address", "port", "weight", "limit", "enabled", "slot",
         "active", "swrr", "requests", "failures", "bytes_in", "bytes_out",
-        "idle", "busy", "removed_at", "drain_ms",
+        "idle", "conns", "removed_at", "drain_ms",
     )
 
     def __init__(self, key: str, pool: str, spec: tablemod.Backend, slot: int) -> None:
@@ -46,7 +46,9 @@ class BackendRuntime:
         self.swrr = 0
         self.requests = self.failures = self.bytes_in = self.bytes_out = 0
         self.idle: list = []  # pooled idle upstream connections (LIFO)
-        self.busy: set = set()  # upstream connections carrying a request or a tunnel
+        # Every open connection to this backend (HTTP: pooled idle ones too;
+        # added when it opens, not per request): a drain that runs out cuts them.
+        self.conns: set = set()
         self.removed_at: float | None = None
         self.drain_ms = 0
         self.update(spec, 1, 0)

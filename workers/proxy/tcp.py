@@ -13,7 +13,7 @@ bounded buffers in the worker. When nothing moves for the listener's idle
 timeout, the worker's sweep ends the pair (aborting a side that cannot
 flush, since its peer stopped reading).
 
-Draining: the backend connection is in its backend's `busy` set, so when an
+Draining: the backend connection is in its backend's `conns` set, so when an
 apply removes the backend the worker's sweep cuts it after the pool's
 drain_timeout (and the client connection closes with it). When the
 listener is removed, or the worker stops, the connection keeps going for
@@ -50,7 +50,7 @@ class TcpUpstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.backend.busy.discard(self)
+        self.backend.conns.discard(self)
         self.client.backend_lost()
 
     def pause_writing(self) -> None:
@@ -117,7 +117,7 @@ class TcpClient(asyncio.Protocol):
             up.transport.close()
             return
         self.up = up
-        backend.busy.add(up)  # cut by the sweep if the backend is removed and its drain runs out
+        backend.conns.add(up)  # cut by the sweep if the backend is removed and its drain runs out
         for piece in self.pending:
             up.transport.write(piece)
         self.pending = []
@@ -177,7 +177,7 @@ class TcpClient(asyncio.Protocol):
         if backend is not None:
             self.backend = None
             if up is not None:
-                backend.busy.discard(up)
+                backend.conns.discard(up)
             backend.active -= 1
             self.worker.dirty.add(backend)
             self.worker.backend_freed(backend)

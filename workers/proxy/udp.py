@@ -6,7 +6,7 @@ to, and a client with a connect()ed socket accepts them. Each session has
 its own connected socket to its backend; datagrams that arrive while it
 opens are queued (bounded). A session keeps the Router it started with and
 ends after the listener's idle timeout (the worker's sweep closes it). An
-open session is in its backend's `busy` set: when an apply removes the
+open session is in its backend's `conns` set: when an apply removes the
 backend, the sweep ends the session after the pool's drain_timeout, and the
 client's next datagram starts a new session on a backend that is in the
 table. A removed listener ends its sessions at once (its socket, which
@@ -70,7 +70,7 @@ class UdpSession:
             transport.close()
             return
         self.transport = transport
-        self.backend.busy.add(self)
+        self.backend.conns.add(self)
         for data in self.queue:
             transport.sendto(data)
         self.queue = []
@@ -107,7 +107,7 @@ class UdpSession:
         self.listener.sessions.pop(self.client, None)
         if self.transport is not None:
             self.transport.close()
-            self.backend.busy.discard(self)
+            self.backend.conns.discard(self)
         self.backend.active -= 1
         worker.dirty.add(self.backend)
         worker.backend_freed(self.backend)

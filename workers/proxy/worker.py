@@ -102,7 +102,7 @@ class Worker:
                 break
         if waiting is not None and not waiting:
             del self.waiters[backend.pool]  # empty: the hot path skips this call again
-        if backend.removed_at is not None and backend.active <= 0 and not backend.busy:
+        if backend.removed_at is not None and backend.active <= 0 and not backend.conns:
             self.retired.pop(backend.key, None)
 
     # -- reload ----------------------------------------------------------------------
@@ -175,7 +175,7 @@ class Worker:
             for up in backend.idle:
                 up.transport.close()
             backend.idle.clear()
-            if backend.active > 0 or backend.busy:
+            if backend.active > 0 or backend.conns:
                 self.retired[backend.key] = backend
         # Pools gone from the table: their waiters get a 503 from the sweep.
 
@@ -241,7 +241,7 @@ class Worker:
             client.on_timeout()
         for key, backend in list(self.retired.items()):
             if now - backend.removed_at >= backend.drain_ms / 1000:
-                for up in list(backend.busy):
+                for up in list(backend.conns):
                     up.transport.abort()
                 self.retired.pop(key, None)
 
