@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 _KEY = b"lbc-hash-v1"
 # Maglev table sizes: primes; the table is the smallest of these at least
@@ -86,3 +86,10 @@ def lookup_table(algorithm: str, ids: Sequence[str], weights: Sequence[int]) -> 
 def pick_index(table: Sequence[int], key: bytes) -> int:
     """The backend index a key maps to, for either kind of table."""
     return table[hash64(key) % len(table)]
+
+
+def pick_indexes(table: Sequence[int], key_hashes: Iterable[int]) -> list[int]:
+    """pick_index of many keys already hashed with hash64: the planner hashes
+    its key sample once and looks it up in many tables."""
+    size = len(table)
+    return [table[h % size] for h in key_hashes]

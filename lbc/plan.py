@@ -17,6 +17,7 @@ route shows one addition, not every later route changed.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any
 
 from lbc import hashing
 from lbc.config.units import format_ms
-from lbc.table import HASHING, Listener, Pool, Route, RoutingTable, canonical, to_plain
+from lbc.table import HASHING, Listener, Pool, Route, RoutingTable, to_plain
 
 ADD, CHANGE, REMOVE = "add", "change", "remove"
 _SYMBOL = {ADD: "+", CHANGE: "~", REMOVE: "-"}
@@ -174,7 +175,7 @@ def _diff_listeners(old: tuple[Listener, ...], new: tuple[Listener, ...]) -> Ite
                 yield Change(ADD, "route", f"{name}[{i}]", name, _route_summary(r))
         elif b is None:
             yield Change(REMOVE, "listener", name, None, _listener_summary(a))
-        else:
+        elif a != b:  # most are unchanged: one comparison, no plain dicts
             fields = _field_changes(_plain_without(a, "name", "routes"), _plain_without(b, "name", "routes"))
             if fields:
                 yield Change(CHANGE, "listener", name, None, _listener_summary(b), tuple(fields))
@@ -182,9 +183,9 @@ def _diff_listeners(old: tuple[Listener, ...], new: tuple[Listener, ...]) -> Ite
 
 
 def _diff_routes(listener: str, old: tuple[Route, ...], new: tuple[Route, ...]) -> Iterator[Change]:
-    keys_old = [canonical(to_plain(r)) for r in old]
-    keys_new = [canonical(to_plain(r)) for r in new]
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=keys_old, b=keys_new, autojunk=False).get_opcodes():
+    # Routes are frozen dataclasses: hashable, as the matcher needs, and equal
+    # exactly when their canonical JSON is.
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes():
         if op == "equal":
             continue
         paired = min(i2 - i1, j2 - j1) if op == "replace" else 0
@@ -209,6 +210,8 @@ def _diff_pools(old: tuple[Pool, ...], new: tuple[Pool, ...]) -> Iterator[Change
             continue
         if b is None:
             yield Change(REMOVE, "pool", name, None, _pool_summary(a))
+            continue
+        if a == b:  # most are unchanged: one comparison, no plain dicts
             continue
         fields = _field_changes(_plain_without(a, "name", "backends"), _plain_without(b, "name", "backends"))
         old_ids, new_ids = [x.id for x in a.backends], [x.id for x in b.backends]
@@ -283,11 +286,18 @@ def sample_keys(hash_key: str) -> tuple[bytes, ...]:
     return tuple(f"key-{i}".encode() for i in range(KEY_SAMPLE))
 
 
-def _key_map(pool: Pool, keys: tuple[bytes, ...]) -> list[str]:
+@functools.cache
+def _sample_hashes(hash_key: str) -> tuple[int, ...]:
+    # Built and hashed once per hash key, not once per table of every changed
+    # hashing pool: hashing the sample was most of the time a plan took.
+    return tuple(hashing.hash64(k) for k in sample_keys(hash_key))
+
+
+def _key_map(pool: Pool, hashes: tuple[int, ...]) -> list[str]:
     backends = pool.enabled_backends()
     ids = [b.id for b in backends]
     table = hashing.lookup_table(pool.algorithm, ids, [b.weight for b in backends])
-    return [ids[hashing.pick_index(table, k)] for k in keys] if table else []
+    return [ids[i] for i in hashing.pick_indexes(table, hashes)] if table else []
 
 
 def _shares(pool: Pool, key_map: list[str] | None) -> dict[str, float]:
@@ -315,10 +325,10 @@ def _effects(old: RoutingTable, new: RoutingTable) -> Iterator[PoolEffect]:
         moved, note = None, None
         map_a = map_b = None
         if hashed and a.hash_key == b.hash_key:
-            keys = sample_keys(b.hash_key)
-            map_a, map_b = _key_map(a, keys), _key_map(b, keys)
+            hashes = _sample_hashes(b.hash_key)
+            map_a, map_b = _key_map(a, hashes), _key_map(b, hashes)
             if map_a and map_b:
-                moved = sum(x != y for x, y in zip(map_a, map_b, strict=False)) / len(keys)
+                moved = sum(x != y for x, y in zip(map_a, map_b, strict=False)) / len(hashes)
         elif hashed:
             note = f"hash key changes ({a.hash_key} -> {b.hash_key}): any client may move"
         sa = _shares(a, map_a if a.algorithm in HASHING and map_a else None)

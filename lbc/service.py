@@ -118,7 +118,10 @@ class ApplyFailed(LbcError):
 
 def plan_file(path: str | PathLike[str], state: StateDir) -> tuple[Plan, Compiled]:
     compiled = compile_file(path)
-    base_version, base = state.current_table()
+    base_version = state.current_version()
+    # An unchanged table makes an empty plan, which needs no live table: skip
+    # reading and decoding it (for a big table, a good share of `lbc plan`).
+    base = state.read_table(base_version) if base_version not in (None, compiled.version) else None
     return diff(base, compiled.table, base_version, compiled.version), compiled
 
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -290,10 +291,22 @@ class RoutingTable:
 
 def to_plain(value: Any) -> Any:
     """Dataclasses -> dicts, tuples -> lists; everything else as is."""
-    if dataclasses.is_dataclass(value):
-        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple):
-        return [to_plain(v) for v in value]
+    return _encoder(type(value))(value)
+
+
+@functools.cache
+def _encoder(cls: type) -> Callable[[Any], Any]:
+    # One encoder per class, built once: a table has tens of thousands of
+    # values, and asking dataclasses about each one was most of the cost.
+    if dataclasses.is_dataclass(cls):
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        return lambda obj: {name: to_plain(getattr(obj, name)) for name in names}
+    if issubclass(cls, tuple):
+        return lambda items: [to_plain(v) for v in items]
+    return _as_is
+
+
+def _as_is(value: Any) -> Any:
     return value
 
 
@@ -326,44 +339,110 @@ def load(data: bytes, *, expected_version: str | None = None) -> RoutingTable:
 def from_plain(cls: type, data: Any, where: str = "table") -> Any:
     """Build a table dataclass from plain JSON values, strictly: no missing or
     unknown keys, no wrong types."""
-    if not isinstance(data, dict):
-        raise TableError(f"{where}: expected an object")
-    hints = _hints(cls)
-    if set(data) != set(hints):
-        extra, missing = set(data) - set(hints), set(hints) - set(data)
-        raise TableError(f"{where}: unknown keys {sorted(extra)}, missing keys {sorted(missing)}")
-    return cls(**{name: _value(hint, data[name], f"{where}.{name}") for name, hint in hints.items()})
+    try:
+        return _decoder(cls)(data)
+    except _Invalid as e:
+        raise TableError(f"{where}{''.join(reversed(e.path))}: {e.message}") from None
+
+
+class _Invalid(Exception):
+    """A value that does not decode. The decoders on the way out add where it
+    was, so a valid table (the usual case) never builds a location string."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path: list[str] = []  # innermost first
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _value(hint: Any, value: Any, where: str) -> Any:
+def _decoder(hint: Any) -> Callable[[Any], Any]:
+    """The decoder for a type hint, built once: resolving hints per value was
+    most of the time it takes to read a big table."""
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
-        if value is None:
-            return None
         (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _value(inner, value, where)
+        return _optional(_decoder(inner))
     if origin is tuple:
         args = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise TableError(f"{where}: expected a list")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_value(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise TableError(f"{where}: expected {len(args)} items")
-        return tuple(_value(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=False)))
+            return _sequence(_decoder(args[0]))
+        return _fixed(tuple(_decoder(a) for a in args))
     if dataclasses.is_dataclass(hint):
-        return from_plain(hint, value, where)
+        return _record(hint)
     if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, hint)
-    if not ok:
-        raise TableError(f"{where}: expected {hint.__name__}")
-    return value
+        return _scalar(lambda v: isinstance(v, bool), hint)
+    if hint is int:
+        return _scalar(lambda v: isinstance(v, int) and not isinstance(v, bool), hint)
+    return _scalar(lambda v: isinstance(v, hint), hint)
+
+
+def _optional(decode: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else decode(value)
+
+
+def _sequence(decode: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def decode_all(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            raise _Invalid("expected a list")
+        out: list[Any] = []
+        try:
+            for v in value:
+                out.append(decode(v))
+        except _Invalid as e:
+            e.path.append(f"[{len(out)}]")
+            raise
+        return tuple(out)
+
+    return decode_all
+
+
+def _fixed(decoders: tuple[Callable[[Any], Any], ...]) -> Callable[[Any], Any]:
+    def decode_all(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            raise _Invalid("expected a list")
+        if len(value) != len(decoders):
+            raise _Invalid(f"expected {len(decoders)} items")
+        out: list[Any] = []
+        try:
+            for decode, v in zip(decoders, value, strict=True):
+                out.append(decode(v))
+        except _Invalid as e:
+            e.path.append(f"[{len(out)}]")
+            raise
+        return tuple(out)
+
+    return decode_all
+
+
+def _record(cls: type) -> Callable[[Any], Any]:
+    fields = tuple((name, _decoder(hint)) for name, hint in typing.get_type_hints(cls).items())
+    names = frozenset(name for name, _ in fields)
+
+    def decode(data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise _Invalid("expected an object")
+        if data.keys() != names:
+            extra, missing = set(data) - names, names - set(data)
+            raise _Invalid(f"unknown keys {sorted(extra)}, missing keys {sorted(missing)}")
+        values = {}
+        try:
+            for name, decode_field in fields:
+                values[name] = decode_field(data[name])
+        except _Invalid as e:
+            e.path.append(f".{name}")
+            raise
+        return cls(**values)
+
+    return decode
+
+
+def _scalar(ok: Callable[[Any], bool], hint: type) -> Callable[[Any], Any]:
+    message = f"expected {hint.__name__}"
+
+    def decode(value: Any) -> Any:
+        if not ok(value):
+            raise _Invalid(message)
+        return value
+
+    return decode
