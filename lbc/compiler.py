@@ -34,6 +34,7 @@ from lbc.table import (
     Listener,
     ListenerTLS,
     Match,
+    OutlierDetection,
     Pool,
     Route,
     RoutingTable,
@@ -129,6 +130,9 @@ def _pool(p: Tree, config: Config, global_drain_ms: int) -> Pool:
         hash_key=p["hash_key"] if algorithm in HASHING else None,
         health_check=_health(p["health_check"]) if "health_check" in p else None,
         sticky=_sticky(p["sticky"], config) if "sticky" in p else None,
+        retries=p["retries"],
+        outlier_detection=_outlier(p["outlier_detection"]),
+        panic_threshold=p["panic_threshold"],
         drain_timeout_ms=duration_ms(p["drain_timeout"]) if "drain_timeout" in p else global_drain_ms,
         dynamic_backends=p["dynamic_backends"],
         tls=_upstream_tls(p["tls"], config) if "tls" in p else None,
@@ -150,6 +154,15 @@ def _health(h: Tree) -> HealthCheck:
         timeout_ms=duration_ms(h["timeout"]),
         healthy_threshold=h["healthy_threshold"],
         unhealthy_threshold=h["unhealthy_threshold"],
+    )
+
+
+def _outlier(o: Tree) -> OutlierDetection:
+    return OutlierDetection(
+        consecutive_failures=o["consecutive_failures"],
+        ejection_ms=duration_ms(o["ejection_time"]),
+        max_ejection_ms=duration_ms(o["max_ejection_time"]),
+        max_ejected_percent=o["max_ejected_percent"],
     )
 
 

@@ -30,6 +30,7 @@ SECTIONS = (
     ("listeners[].limits", "#/$defs/limits"),
     ("pools[]", "#/$defs/pool"),
     ("pools[].health_check", "#/$defs/health_check"),
+    ("pools[].outlier_detection", "#/$defs/outlier_detection"),
     ("pools[].sticky", "#/$defs/sticky"),
     ("pools[].tls", "#/$defs/upstream_tls"),
     ("pools[].backends[]", "#/$defs/backend"),

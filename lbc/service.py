@@ -424,6 +424,13 @@ class BackendStatus:
     active: int
     requests: int
     failures: int
+    health: str  # unknown, healthy, unhealthy; "-" for pools without a health check
+    successes: int  # consecutive, from the checker
+    check_failures: int  # consecutive, from the checker
+    last_check: float  # time.time(); 0: never
+    latency_ms: float
+    error: str
+    resolved: str  # what a host name resolved to
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +441,8 @@ class NodeStatus:
     live_version: str | None
     processes: tuple[ProcessStatus, ...]
     backends: tuple[BackendStatus, ...]
+    checker_age_s: float | None  # since the health checker's last heartbeat; None: never seen
+    checker_trusted: bool  # fresh enough (three intervals) for workers to use its verdicts
 
     def render_text(self) -> str:
         out = [f"state:     {self.state}",
@@ -444,12 +453,29 @@ class NodeStatus:
             for p in self.processes:
                 out.append(f"{p.name:<12} {p.state:<9} {p.pid:>7} {p.uptime_s:>7.0f}s {p.serving[:12]:<12} "
                            f"{p.rss_bytes / 2**20:>7.1f}MB {p.cpu_percent:>5.1f}" + (f"  error: {p.error}" if p.error else ""))
+        if self.running:
+            if self.checker_age_s is None:
+                checker = "not seen yet"
+            else:
+                checker = f"heartbeat {self.checker_age_s:.1f}s ago" + (
+                    "" if self.checker_trusted else "; STALE: workers ignore its verdicts and use passive health only")
+            out.append(f"\nhealth checker: {checker}")
         if self.backends:
-            out += ["", f"{'POOL':<16} {'BACKEND':<16} {'ADDRESS':<24} {'ACTIVE':>6} {'REQUESTS':>10} {'FAILURES':>8}"]
+            out += ["", f"{'POOL':<16} {'BACKEND':<16} {'ADDRESS':<24} {'HEALTH':<10} {'OK/FAIL':>7} {'CHECKED':>8} "
+                        f"{'LATENCY':>8} {'ACTIVE':>6} {'REQUESTS':>10} {'FAILURES':>8}"]
+            now = time.time()
             for b in self.backends:
                 address = f"[{b.address}]:{b.port}" if ":" in b.address else f"{b.address}:{b.port}"
-                out.append(f"{b.pool:<16} {b.id:<16} {address:<24} {b.active:>6} {b.requests:>10} {b.failures:>8}"
-                           + ("" if b.enabled else "  (disabled)"))
+                checked = f"{now - b.last_check:.0f}s ago" if b.last_check else "-"
+                latency = f"{b.latency_ms:.1f}ms" if b.last_check else "-"
+                notes = [] if b.enabled else ["disabled"]
+                if b.resolved:
+                    notes.append(f"resolves to {b.resolved}")
+                if b.error:
+                    notes.append(f"last error: {b.error}")
+                out.append(f"{b.pool:<16} {b.id:<16} {address:<24} {b.health:<10} {b.successes:>3}/{b.check_failures:<3} "
+                           f"{checked:>8} {latency:>8} {b.active:>6} {b.requests:>10} {b.failures:>8}"
+                           + (f"  ({'; '.join(notes)})" if notes else ""))
         return "\n".join(out) + "\n"
 
     def to_plain(self) -> dict[str, Any]:
@@ -477,17 +503,33 @@ def status(state: StateDir) -> NodeStatus:
                     p.name, p.state, p.pid, now - p.started if p.pid else 0.0,
                     info.version if info else "", info.error if info and info.attempted != info.version else "",
                     rss, cpu))
+        checker_age = None
+        trusted = False
+        if memory is not None:
+            beat, _ = memory.health_heartbeat()
+            checker_age = time.time() - beat if beat else None
         if table is not None:
             slots = state.slots()
             workers = [p.slot for p in node.workers()] if running else []
+            longest = max((p.health_check.interval_ms for p in table.pools if p.health_check), default=0) / 1000
+            trusted = checker_age is not None and checker_age < 3 * longest
             for pool in table.pools:
                 for b in pool.backends:
-                    total = shm.BackendCounters()
+                    slot = slots[slot_key(pool.name, b)]
+                    total, health = shm.BackendCounters(), shm.HealthInfo(0, False, 0, 0, 0.0, 0.0, "", "")
                     if memory is not None:
-                        total = memory.backend_totals(slots[slot_key(pool.name, b)], workers)
-                    backends.append(BackendStatus(pool.name, b.id, b.address, b.port, b.enabled,
-                                                  total.active, total.requests, total.failures))
+                        total = memory.backend_totals(slot, workers)
+                        health = memory.read_health(slot)
+                    state_name = HEALTH_NAMES.get(health.state, "?") if pool.health_check else "-"
+                    backends.append(BackendStatus(
+                        pool.name, b.id, b.address, b.port, b.enabled, total.active, total.requests, total.failures,
+                        state_name, health.successes, health.failures, health.last_check, health.latency_ms,
+                        health.error, health.address))
     finally:
         if memory is not None:
             memory.close()
-    return NodeStatus(str(state.root), running, node.supervisord_pid(), live, tuple(processes), tuple(backends))
+    return NodeStatus(str(state.root), running, node.supervisord_pid(), live, tuple(processes), tuple(backends),
+                      checker_age, trusted)
+
+
+HEALTH_NAMES = {0: "unknown", 1: "healthy", 2: "unhealthy"}  # as lbc_workers.health.machine

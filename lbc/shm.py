@@ -8,6 +8,7 @@ writer: each worker writes only its own region; readers sum over regions.
     worker 0      WORKER_BYTES header + BACKEND_BYTES x max_backends
     worker 1      ...
     ...
+    health        HEALTH_HEADER_BYTES + HEALTH_BYTES x max_backends   (the health overlay)
 
 A worker's header (pid, the version it serves, the version it last tried and
 why that failed) changes on reloads and is read by `lbc apply` waiting for
@@ -16,7 +17,14 @@ it even; a reader retries until it sees the same even value on both sides).
 Backend counters are plain 8-byte integers, published a few times a second;
 a reader may see one slightly stale, never a torn record header.
 
-Backend counters are indexed by slot. Slots are keyed by backend identity
+The health overlay has one writer, the health checker: a header (a
+generation counter bumped on every verdict change, and a heartbeat) and a
+record per backend slot (state, consecutive successes and failures, last
+probe time and latency, the address a host name resolved to, the last
+error). Workers poll the generation a few dozen times a second and rebuild
+their eligible lists only when it moves; the state byte is read directly.
+
+Backend counters and health records are indexed by slot. Slots are keyed by backend identity
 (pool, id, address, port) and allocated when a table is installed (see
 lbc.state), so workers that switch tables at different moments agree on them,
 and counters carry across swaps.
@@ -26,13 +34,14 @@ from __future__ import annotations
 
 import mmap
 import os
+import socket
 import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 MAGIC = b"LBCSHM\x00\x01"
-LAYOUT = 1
+LAYOUT = 2
 HEADER_BYTES = 4096
 MAX_WORKERS = 64
 MAX_BACKENDS = 32768
@@ -46,6 +55,15 @@ assert _WORKER.size <= WORKER_BYTES
 # active, requests, failures, bytes_in, bytes_out
 BACKEND = struct.Struct("<qQQQQ")
 BACKEND_BYTES = BACKEND.size
+
+# seq, generation, heartbeat, pid
+_HEALTH_HEADER = struct.Struct("<QQdq")
+HEALTH_HEADER_BYTES = 64
+# state, family (0 none, 4, 6), flags, successes, failures, last_check, latency_ms, address, error
+_HEALTH = struct.Struct("<BBHIIdf16s88s")
+HEALTH_BYTES = 128
+assert _HEALTH.size == HEALTH_BYTES
+HEALTH_CHECKED = 1  # flags: the checker probes this backend (its pool has a health check)
 
 EMPTY, STARTING, SERVING, DRAINING = 0, 1, 2, 3
 STATE_NAMES = {EMPTY: "empty", STARTING: "starting", SERVING: "serving", DRAINING: "draining"}
@@ -61,7 +79,7 @@ def region_bytes(max_backends: int) -> int:
 
 def create(path: Path, max_workers: int = MAX_WORKERS, max_backends: int = MAX_BACKENDS) -> None:
     """Create (or reset) the file. Sparse: untouched regions cost no memory."""
-    size = HEADER_BYTES + max_workers * region_bytes(max_backends)
+    size = HEADER_BYTES + max_workers * region_bytes(max_backends) + HEALTH_HEADER_BYTES + HEALTH_BYTES * max_backends
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.truncate(size)
@@ -87,6 +105,18 @@ class WorkerInfo:
     @property
     def state_name(self) -> str:
         return STATE_NAMES.get(self.state, "?")
+
+
+@dataclass(frozen=True, slots=True)
+class HealthInfo:
+    state: int  # lbc_workers.health.machine: 0 unknown, 1 healthy, 2 unhealthy
+    checked: bool
+    successes: int
+    failures: int
+    last_check: float  # time.time(), 0 before the first probe
+    latency_ms: float
+    address: str  # what a host name resolved to ("" for addresses, or unresolved)
+    error: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +151,8 @@ class Shm:
         magic, layout, self.max_workers, self.max_backends, self.worker_bytes, _ = _HEADER.unpack_from(self.map, 0)
         if magic != MAGIC or layout != LAYOUT:
             raise ShmError(f"{path} is not an lbc shared memory file of layout {LAYOUT}")
+        self.health_offset = HEADER_BYTES + self.max_workers * self.worker_bytes
+        self.health_records = self.health_offset + HEALTH_HEADER_BYTES
 
     def close(self) -> None:
         self.map.close()
@@ -202,6 +234,56 @@ class Shm:
         for w in workers if workers is not None else range(self.max_workers):
             total = total + self.read_backend(w, slot)
         return total
+
+
+    # -- the health overlay (one writer: the checker) ---------------------------
+
+    def health_generation(self) -> int:
+        return struct.unpack_from("<Q", self.map, self.health_offset + 8)[0]
+
+    def health_heartbeat(self) -> tuple[float, int]:
+        """(time.time() of the checker's last heartbeat, its pid)."""
+        _, _, beat, pid = _HEALTH_HEADER.unpack_from(self.map, self.health_offset)
+        return beat, pid
+
+    def write_health_heartbeat(self, pid: int) -> None:
+        struct.pack_into("<dq", self.map, self.health_offset + 16, time.time(), pid)
+
+    def bump_health_generation(self) -> None:
+        off = self.health_offset + 8
+        struct.pack_into("<Q", self.map, off, struct.unpack_from("<Q", self.map, off)[0] + 1)
+
+    def health_state(self, slot: int) -> int:
+        """The state byte alone: what a worker reads for each member."""
+        return self.map[self.health_records + slot * HEALTH_BYTES]
+
+    def read_health(self, slot: int) -> HealthInfo:
+        state, family, flags, ok, bad, last, latency, addr, error = _HEALTH.unpack_from(
+            self.map, self.health_records + slot * HEALTH_BYTES)
+        return HealthInfo(state, bool(flags & HEALTH_CHECKED), ok, bad, last, latency,
+                          _unpack_address(family, addr), _text(error))
+
+    def write_health(self, slot: int, info: HealthInfo) -> None:
+        family, packed = _pack_address(info.address)
+        _HEALTH.pack_into(self.map, self.health_records + slot * HEALTH_BYTES, info.state, family,
+                          HEALTH_CHECKED if info.checked else 0, info.successes, info.failures, info.last_check,
+                          info.latency_ms, packed, info.error.encode("utf-8", "replace")[:88])
+
+
+def _pack_address(address: str) -> tuple[int, bytes]:
+    if not address:
+        return 0, b""
+    if ":" in address:
+        return 6, socket.inet_pton(socket.AF_INET6, address)
+    return 4, socket.inet_pton(socket.AF_INET, address)
+
+
+def _unpack_address(family: int, packed: bytes) -> str:
+    if family == 4:
+        return socket.inet_ntop(socket.AF_INET, packed[:4])
+    if family == 6:
+        return socket.inet_ntop(socket.AF_INET6, packed[:16])
+    return ""
 
 
 _WORKER_FIELDS = (

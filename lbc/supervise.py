@@ -42,6 +42,7 @@ from lbc.state import StateDir
 from lbc.table import RoutingTable
 
 WORKER_PREFIX = "worker-"
+HEALTH = "health"  # the health checker's program
 MAX_SOCKET_PATH = 100
 
 
@@ -144,9 +145,10 @@ class Node:
         return sorted((p for p in self.processes() if p.slot is not None), key=lambda p: p.slot)
 
     def signal_workers(self, sig: str = "HUP") -> None:
+        """Signal every worker and the health checker (both read `current`)."""
         rpc = self._rpc()
-        for p in self.workers():
-            if p.state in ("RUNNING", "STARTING"):
+        for p in self.processes():
+            if (p.slot is not None or p.name == HEALTH) and p.state in ("RUNNING", "STARTING"):
                 with contextlib.suppress(SupervisorError):  # it may exit meanwhile; the ack wait reports it
                     rpc.supervisor.signalProcess(f"{p.name}:{p.name}", sig)
 

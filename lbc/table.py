@@ -179,6 +179,18 @@ class HealthCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    consecutive_failures: int  # 0: off
+    ejection_ms: int
+    max_ejection_ms: int
+    max_ejected_percent: int
+
+    def __post_init__(self) -> None:
+        _require(self.consecutive_failures >= 0 and 0 <= self.max_ejected_percent <= 100, "bad outlier detection")
+        _require(0 < self.ejection_ms <= self.max_ejection_ms, "ejection time must be positive and at most the max")
+
+
+@dataclass(frozen=True, slots=True)
 class Sticky:
     mode: str  # cookie, source_ip, header
     cookie_name: str | None
@@ -223,6 +235,9 @@ class Pool:
     hash_key: str | None  # set exactly for the hashing algorithms
     health_check: HealthCheck | None
     sticky: Sticky | None
+    retries: int
+    outlier_detection: OutlierDetection
+    panic_threshold: int  # percent; 0: off
     drain_timeout_ms: int
     dynamic_backends: bool
     tls: UpstreamTLS | None

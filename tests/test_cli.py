@@ -66,7 +66,8 @@ def test_pip_install_dot_gives_a_working_lbc(tmp_path):
     result = subprocess.run([str(venv / "bin" / "lbc"), "validate", str(EXAMPLE)], cwd=elsewhere,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    where = subprocess.run([str(py), "-c", "import lbc, lbc.schemas, lbc.templates, lbc_workers; print(lbc.__file__)"],
+    where = subprocess.run([str(py), "-c", "import lbc, lbc.schemas, lbc.templates, lbc_workers.proxy.worker, lbc_workers.health.checker; "
+                            "print(lbc.__file__)"],
                            cwd=elsewhere, capture_output=True, text=True, timeout=60)
     assert where.returncode == 0, where.stderr
     assert str(venv) in where.stdout  # the installed copy, not the checkout

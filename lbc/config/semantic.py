@@ -200,6 +200,7 @@ class _Checker:
             elif isinstance(hash_key, str) and hash_key != "source_ip" and protocols & L4:
                 self.error(base + ("hash_key",), f"hash_key {hash_key} needs HTTP, but an L4 listener uses this pool")
         self.check_health(base, pool.get("health_check"))
+        self.check_outliers(base, pool.get("outlier_detection"))
         self.check_sticky(base, pool.get("sticky"), protocols)
         self.check_backends(base, pool)
 
@@ -224,6 +225,15 @@ class _Checker:
             for key in HTTP_CHECK_KEYS:
                 if self.doc.written(path + (key,)):
                     self.error(path + (key,), f"{key} applies only to http health checks", key=True)
+
+    def check_outliers(self, base: Path, od: Any) -> None:
+        if not isinstance(od, dict):
+            return
+        path = base + ("outlier_detection",)
+        first = self.positive_duration(path + ("ejection_time",), od.get("ejection_time"))
+        longest = self.positive_duration(path + ("max_ejection_time",), od.get("max_ejection_time"))
+        if first is not None and longest is not None and longest < first:
+            self.error(path + ("max_ejection_time",), f"must be at least ejection_time ({od['ejection_time']})")
 
     def check_sticky(self, base: Path, sticky: Any, protocols: set[str]) -> None:
         if not isinstance(sticky, dict):

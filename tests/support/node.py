@@ -21,9 +21,10 @@ ORIGIN = Path(__file__).resolve().parent / "origin.py"
 class Origin:
     """One origin server process (tests/support/origin.py)."""
 
-    def __init__(self, ident: str, *, http=(), tcp=(), udp=(), log: Path | None = None) -> None:
-        cmd = [sys.executable, str(ORIGIN), "--id", ident]
-        for flag, addrs in (("--http", http), ("--tcp", tcp), ("--udp", udp)):
+    def __init__(self, ident: str, *, http=(), tcp=(), udp=(), hang=(), log: Path | None = None,
+                 status: int = 0) -> None:
+        cmd = [sys.executable, str(ORIGIN), "--id", ident] + (["--status", str(status)] if status else [])
+        for flag, addrs in (("--http", http), ("--tcp", tcp), ("--udp", udp), ("--hang", hang)):
             for a in addrs:
                 cmd += [flag, a]
         if log is not None:

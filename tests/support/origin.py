@@ -12,10 +12,12 @@ HTTP paths (any method):
   /status/NNN       that status, empty body
   /close            200 with Connection: close, then closes
   /health           200 "ok"
+  /flap             200 and 500 by turns
   Upgrade requests  101, then every byte is echoed back
 Every request head as received is appended (raw) to --log, when given.
 TCP: echoes bytes; after the client's EOF it sends b"bye\\n" and closes.
 UDP: answers each datagram with b"<id>:" + datagram.
+--hang ADDR: accepts connections and never answers.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from urllib.parse import parse_qs, urlsplit
 import httptools
 
 PATTERN = bytes(range(256)) * 256  # 64 KiB
+FLAP = [0]
+STATUS = [0]
 
 
 class HttpOrigin(asyncio.Protocol):
@@ -124,6 +128,9 @@ class HttpOrigin(asyncio.Protocol):
             await self.respond(*self.queue.pop(0))
 
     async def respond(self, method, target, headers, body_len, body_sha, keep_alive) -> None:
+        if STATUS[0]:  # --status: every request gets it
+            self._send(STATUS[0], b"", b"" if keep_alive else b"Connection: close\r\n")
+            return
         url = urlsplit(target)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         conn = b"" if keep_alive else b"Connection: close\r\n"
@@ -155,6 +162,9 @@ class HttpOrigin(asyncio.Protocol):
             return
         elif path == "/health":
             self._send(200, b"ok\n", conn)
+        elif path == "/flap":  # healthy and unhealthy by turns, across connections
+            FLAP[0] ^= 1
+            self._send(200 if FLAP[0] else 500, b"", conn)
         else:
             self._send(200, f"{self.ident}\n".encode(), conn + b"X-Backend: " + self.ident.encode() + b"\r\n")
         if not keep_alive:
@@ -162,6 +172,13 @@ class HttpOrigin(asyncio.Protocol):
 
     def _send(self, status: int, body: bytes, extra: bytes = b"") -> None:
         self.transport.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n%s\r\n%s" % (status, len(body), extra, body))
+
+
+class Hang(asyncio.Protocol):
+    """Accepts and never answers."""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
 
 
 class TcpEcho(asyncio.Protocol):
@@ -200,6 +217,7 @@ def _addr(text: str) -> tuple[str, int]:
 
 
 async def main(args) -> None:
+    STATUS[0] = args.status
     loop = asyncio.get_running_loop()
     log = open(args.log, "a") if args.log else None
     servers = []
@@ -209,6 +227,9 @@ async def main(args) -> None:
     for spec in args.tcp:
         host, port = _addr(spec)
         servers.append(await loop.create_server(TcpEcho, host, port, reuse_address=True))
+    for spec in args.hang:
+        host, port = _addr(spec)
+        servers.append(await loop.create_server(Hang, host, port, reuse_address=True))
     for spec in args.udp:
         host, port = _addr(spec)
         await loop.create_datagram_endpoint(lambda: UdpEcho(args.id), local_addr=(host, port))
@@ -224,6 +245,8 @@ if __name__ == "__main__":
     parser.add_argument("--http", action="append", default=[])
     parser.add_argument("--tcp", action="append", default=[])
     parser.add_argument("--udp", action="append", default=[])
+    parser.add_argument("--hang", action="append", default=[])
+    parser.add_argument("--status", type=int, default=0, help="answer every HTTP request with this status")
     parser.add_argument("--log")
     try:
         import uvloop

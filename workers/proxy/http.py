@@ -174,7 +174,7 @@ class HttpClient(asyncio.Protocol):
         "worker", "key", "listener", "transport", "peer", "state", "buf", "deadline", "deadline_status",
         "paused", "closing", "eof", "req", "pool", "backend", "up", "reused", "attempts", "pending",
         "pending_bytes", "body_left", "chunks", "req_done", "resp", "resp_buf", "resp_started",
-        "resp_left", "resp_end", "resp_bytes", "router", "tunnel_eof", "in_heads", "more", "head_cb",
+        "resp_left", "resp_end", "resp_bytes", "router", "tunnel_eof", "in_heads", "more", "head_cb", "tried",
     )
 
     def __init__(self, worker: Worker, key) -> None:
@@ -481,7 +481,7 @@ class HttpClient(asyncio.Protocol):
         worker = self.worker
         try:
             _, up = await asyncio.wait_for(
-                worker.loop.create_connection(lambda: Upstream(worker, backend), backend.address, backend.port),
+                worker.loop.create_connection(lambda: Upstream(worker, backend), backend.connect_address, backend.port),
                 self.listener.connect_s,
             )
         except (TimeoutError, OSError) as e:
@@ -519,20 +519,26 @@ class HttpClient(asyncio.Protocol):
             self.resume_reading("connecting")
 
     def _upstream_failed(self, status: int, sent: bool) -> None:
-        """The backend connection failed before any byte of a response. Retry
-        once, on a fresh connection, when the whole request can be replayed and
+        """The backend connection failed before any byte of a response. Try
+        again (up to the pool's `retries`), on a fresh connection to another
+        backend when there is one, when the whole request can be replayed and
         sending it twice is safe."""
         failed = self.backend
-        failed.failures += 1
+        pool = self.pool
+        self.worker.backend_failed(pool, failed)
         self._release_backend()
         self.up = None
-        if self.attempts == 0 and self.pending is not None and (not sent or self.req.method in IDEMPOTENT):
+        self.tried = (*self.tried, failed) if self.attempts else (failed,)
+        if self.attempts < pool.spec.retries and self.pending is not None and (
+            not sent or self.req.method in IDEMPOTENT
+        ):
             self.attempts += 1
             self.state = CONNECTING
-            pool = self.pool
-            backend = pool.pick(pool.key_for(self.req, self.peer) if pool.hash_key else None)
-            if backend is failed and len(pool.members) > 1:
-                backend = pool.pick(None)
+            backend = pool.balancer.pick(pool.members, pool.key_for(self.req, self.peer) if pool.hash_key else None)
+            for _ in range(len(pool.members)):
+                if backend not in self.tried:
+                    break
+                backend = pool.balancer.pick(pool.members, None)  # the hash's pick failed: go round
             if backend is not None:
                 self.backend = backend
                 backend.active += 1
@@ -580,6 +586,10 @@ class HttpClient(asyncio.Protocol):
             return
         self.resp = resp
         self.resp_started = True
+        if resp.status >= 500:
+            self.worker.backend_failed(self.pool, self.backend)
+        else:
+            self.backend.consecutive_failures = 0
         if resp.framing == h1.CLOSE_DELIMITED or not self.req_done or self.worker.draining or (
             self.router is not self.worker.router and self.key not in self.worker.router.listeners
         ):
@@ -679,7 +689,7 @@ class HttpClient(asyncio.Protocol):
         nothing of the response reached the client yet, else cut the client."""
         self._drop_upstream()
         if self.backend is not None:
-            self.backend.failures += 1
+            self.worker.backend_failed(self.pool, self.backend)
         self._release_backend()
         if status is not None and not self.resp_started:
             self._respond_error(status, close=True)

@@ -18,9 +18,11 @@ import re
 from collections.abc import Iterable
 
 from lbc_workers import balance
+from lbc_workers.health.machine import HEALTHY, UNHEALTHY, eligible
 from lbc_workers.proxy.h1 import HeadRules, Request, ResponseRules
 
 from lbc import table as tablemod
+from lbc.config.addresses import address_kind
 from lbc.state import slot_key
 
 UNSERVED = frozenset({"https", "tls_passthrough"})  # validated and compiled, not yet proxied
@@ -32,7 +34,8 @@ class BackendRuntime:
     __slots__ = (
         "key", "id", "pool", "address", "port", "weight", "limit", "enabled", "slot",
         "active", "swrr", "requests", "failures", "bytes_in", "bytes_out",
-        "idle", "conns", "removed_at", "drain_ms",
+        "idle", "conns", "removed_at", "drain_ms", "connect_address", "hostname",
+        "outlier", "consecutive_failures", "ejected_until", "ejections", "unhealthy", "checked_state",
     )
 
     def __init__(self, key: str, pool: str, spec: tablemod.Backend, slot: int) -> None:
@@ -49,17 +52,28 @@ class BackendRuntime:
         # Every open connection to this backend (HTTP: pooled idle ones too;
         # added when it opens, not per request): a drain that runs out cuts them.
         self.conns: set = set()
-        self.removed_at: float | None = None
+        self.removed_at: float | None = None  # set while it drains (removed, disabled or unhealthy)
         self.drain_ms = 0
-        self.update(spec, 1, 0)
+        # A host name is connected to at the address the checker published.
+        self.hostname = address_kind(spec.address) == "hostname"
+        self.connect_address = "" if self.hostname else spec.address
+        # Passive health: this worker's own view.
+        self.consecutive_failures = 0
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self.unhealthy = False  # the checker says so: no new traffic, drained
+        self.checked_state = 0  # the checker's last state seen (machine.UNKNOWN)
+        self.update(spec, 1, 0, None)
 
-    def update(self, spec: tablemod.Backend, workers: int, drain_ms: int) -> None:
+    def update(self, spec: tablemod.Backend, workers: int, drain_ms: int,
+               outlier: tablemod.OutlierDetection | None) -> None:
         self.weight = spec.weight
         self.enabled = spec.enabled
         # max_connections is per node; with N workers and no shared counter,
         # each worker takes ceil(max/N).
         self.limit = math.ceil(spec.max_connections / workers) if spec.max_connections else 0
         self.drain_ms = drain_ms
+        self.outlier = outlier
         self.removed_at = None
 
     def counters(self) -> tuple[int, int, int, int, int]:
@@ -67,18 +81,56 @@ class BackendRuntime:
 
 
 class PoolRuntime:
-    __slots__ = ("name", "spec", "balancer", "backends", "members", "hash_key")
+    __slots__ = ("name", "spec", "balancer", "backends", "enabled", "members", "hash_key", "trust_s")
 
     def __init__(self, spec: tablemod.Pool, backends: tuple[BackendRuntime, ...], balancer: balance.Balancer) -> None:
         self.name = spec.name
         self.spec = spec
         self.backends = backends
-        self.members = tuple(b for b in backends if b.enabled)
+        self.enabled = tuple(b for b in backends if b.enabled)
+        self.members = tuple(b for b in self.enabled if b.connect_address)  # until refresh() knows better
         self.balancer = balancer
         self.hash_key = spec.hash_key
+        # The checker's verdicts are trusted while its heartbeat is fresher than three intervals.
+        self.trust_s = 3 * spec.health_check.interval_ms / 1000 if spec.health_check else 0.0
 
     def pick(self, key: bytes | None = None) -> BackendRuntime | None:
         return self.balancer.pick(self.members, key)
+
+    def refresh(self, states: list[int], trusted: bool, now: float) -> None:
+        """Recompute the members that get traffic from the checker's states
+        (one per enabled backend), its trust, and passive-health ejections."""
+        enabled = self.enabled
+        chosen = eligible(enabled, states, checked=self.spec.health_check is not None, trusted=trusted,
+                          panic_threshold=self.spec.panic_threshold)
+        for b, state in zip(enabled, states, strict=True):
+            b.unhealthy = trusted and self.spec.health_check is not None and state == UNHEALTHY and b not in chosen
+            if state == HEALTHY and b.checked_state != HEALTHY:
+                # Proven healthy again by active checks: passive ejection ends too
+                # (as Envoy's successful_active_health_check_uneject_host).
+                b.ejected_until = 0.0
+                b.consecutive_failures = 0
+            b.checked_state = state
+        reachable = [b for b in chosen if b.connect_address]
+        live = [b for b in reachable if b.ejected_until <= now]
+        self.members = tuple(live or reachable)  # all ejected: ejection is off for now
+
+    def eject(self, backend: BackendRuntime, now: float) -> bool:
+        """Passive health: take `backend` out of this worker's picks after
+        consecutive failures, for an ejection time that doubles on repeats;
+        never more than max_ejected_percent of the pool."""
+        od = self.spec.outlier_detection
+        if backend.ejected_until > now:
+            return False
+        ejected = sum(1 for b in self.enabled if b.ejected_until > now)
+        if (ejected + 1) * 100 > od.max_ejected_percent * len(self.enabled):
+            return False
+        if now - backend.ejected_until > od.max_ejection_ms / 1000:
+            backend.ejections = 0  # long enough back: start again from the first ejection time
+        backend.ejections += 1
+        backend.ejected_until = now + min(od.ejection_ms * 2 ** (backend.ejections - 1), od.max_ejection_ms) / 1000
+        backend.consecutive_failures = 0
+        return True
 
     def key_for(self, request: Request | None, client_ip: bytes) -> bytes | None:
         """The hashing key of a request (or connection) for hashing pools."""
@@ -221,7 +273,7 @@ class Router:
                 if key not in slots:
                     raise tablemod.TableError(f"backend {b.id} has no shared-memory slot")
                 rt = old_backends.get(key) or BackendRuntime(key, p.name, b, slots[key])
-                rt.update(b, workers, p.drain_timeout_ms)
+                rt.update(b, workers, p.drain_timeout_ms, p.outlier_detection)
                 backends[key] = rt
                 runtimes.append(rt)
             old = old_pools.get(p.name)

@@ -63,7 +63,7 @@ class TcpUpstream(asyncio.Protocol):
 
 class TcpClient(asyncio.Protocol):
     __slots__ = ("worker", "key", "transport", "up", "backend", "pending", "eofs", "closed", "deadline",
-                 "deadline_status", "idle_s", "drain")
+                 "deadline_status", "idle_s", "drain", "pool")
 
     def __init__(self, worker: Worker, key) -> None:
         self.worker = worker
@@ -88,7 +88,7 @@ class TcpClient(asyncio.Protocol):
             transport.close()
             return
         self.idle_s = listener.idle_s
-        pool = listener.pool
+        self.pool = pool = listener.pool
         peer = transport.get_extra_info("peername")
         key = peer[0].encode() if peer and pool.hash_key else None
         backend = pool.pick(key)
@@ -106,13 +106,14 @@ class TcpClient(asyncio.Protocol):
     async def _connect(self, backend: BackendRuntime, timeout: float) -> None:
         try:
             _, up = await asyncio.wait_for(
-                self.worker.loop.create_connection(lambda: TcpUpstream(self, backend), backend.address, backend.port),
+                self.worker.loop.create_connection(lambda: TcpUpstream(self, backend), backend.connect_address, backend.port),
                 timeout,
             )
         except (TimeoutError, OSError):
-            backend.failures += 1
+            self.worker.backend_failed(self.pool, backend)
             self.transport.close()
             return
+        backend.consecutive_failures = 0
         if self.closed:
             up.transport.close()
             return

@@ -60,7 +60,7 @@ class UdpSession:
     async def open(self) -> None:
         try:
             transport, _ = await self.listener.worker.loop.create_datagram_endpoint(
-                lambda: _BackendSide(self), remote_addr=(self.backend.address, self.backend.port)
+                lambda: _BackendSide(self), remote_addr=(self.backend.connect_address, self.backend.port)
             )
         except OSError:
             self.backend.failures += 1

@@ -41,7 +41,7 @@ from collections import deque
 from pathlib import Path
 
 from lbc_workers.proxy.http import HttpClient
-from lbc_workers.proxy.router import BackendRuntime, BindKey, Router
+from lbc_workers.proxy.router import BackendRuntime, BindKey, PoolRuntime, Router
 from lbc_workers.proxy.tcp import TcpClient
 from lbc_workers.proxy.udp import UdpListener
 
@@ -52,6 +52,7 @@ from lbc.table import TableError
 
 log = logging.getLogger("lbc.worker")
 PUBLISH_EVERY = 0.25  # seconds between counter publications
+HEALTH_EVERY = 0.05  # seconds between looks at the health overlay's generation
 SWEEP_EVERY = 1.0  # seconds between timeout sweeps
 BACKLOG = 4096
 
@@ -81,6 +82,8 @@ class Worker:
         self.now = loop.time()
         self.shm = shmmod.Shm(state.run / "shm", writable=True)
         self.publish_backend = self.shm.backend_writer(slot)
+        self._health_seen: tuple = ()  # (generation, trust per pool) last applied
+        self._next_unejection = float("inf")
 
     # -- the hot path's helpers --------------------------------------------------
 
@@ -147,6 +150,7 @@ class Worker:
         old, self.router = self.router, router
         if old is not None:
             self._retire(old, router)
+        self.refresh_health(force=True)
         self._report(attempted=version, error="", version=version)
         log.info("serving table %s", version[:12])
         gc.collect()
@@ -215,6 +219,66 @@ class Worker:
                 server.transport.close()
         elif server is not None:
             server.close()
+
+    # -- health: the checker's overlay and this worker's passive view ------------------------
+
+    def refresh_health(self, force: bool = False) -> None:
+        """Rebuild each pool's members when the checker's verdicts moved, its
+        trust changed, or an ejection ran out; drain backends that turned
+        unhealthy and stop draining those that came back."""
+        router = self.router
+        if router is None:
+            return
+        now = self.loop.time()
+        generation = self.shm.health_generation()
+        beat, _ = self.shm.health_heartbeat()
+        age = time.time() - beat
+        trust = tuple(age < p.trust_s for p in router.pools.values())
+        seen = (generation, trust)
+        if not force and seen == self._health_seen and now < self._next_unejection:
+            return
+        self._health_seen = seen
+        self._next_unejection = float("inf")
+        for pool, trusted in zip(router.pools.values(), trust, strict=True):
+            self._refresh_pool(pool, trusted, now)
+
+    def _refresh_pool(self, pool: PoolRuntime, trusted: bool, now: float) -> None:
+        shm = self.shm
+        for b in pool.enabled:
+            if b.hostname:
+                b.connect_address = shm.read_health(b.slot).address
+        pool.refresh([shm.health_state(b.slot) for b in pool.enabled], trusted, now)
+        for b in pool.enabled:
+            if b.ejected_until > now:
+                self._next_unejection = min(self._next_unejection, b.ejected_until)
+            if b.unhealthy and b.removed_at is None:
+                # No new requests; idle pooled connections go now, busy ones
+                # may finish within the drain timeout (the sweep cuts the rest).
+                b.removed_at = now
+                for up in b.idle:
+                    up.transport.close()
+                b.idle.clear()
+                self.retired[b.key] = b
+            elif not b.unhealthy and b.removed_at is not None and self.retired.get(b.key) is b and b.enabled:
+                b.removed_at = None
+                del self.retired[b.key]
+
+    def backend_failed(self, pool: PoolRuntime, backend: BackendRuntime) -> None:
+        """A connection failure or a 5xx: passive health counts it."""
+        backend.failures += 1
+        backend.consecutive_failures += 1
+        limit = pool.spec.outlier_detection.consecutive_failures
+        if limit and backend.consecutive_failures >= limit and pool.eject(backend, self.loop.time()):
+            log.warning("backend %s of pool %s ejected for %.0fs after %d consecutive failures",
+                        backend.id, pool.name, backend.ejected_until - self.loop.time(), limit)
+            self._next_unejection = min(self._next_unejection, backend.ejected_until)
+            beat, _ = self.shm.health_heartbeat()
+            self._refresh_pool(pool, time.time() - beat < pool.trust_s, self.loop.time())
+
+    async def watch_health(self) -> None:
+        while not self.stopped.is_set():
+            await asyncio.sleep(HEALTH_EVERY)
+            self.refresh_health()
 
     # -- periodic work ---------------------------------------------------------------------
 
@@ -309,8 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> None:
         await worker.reload()
         housekeeping = loop.create_task(worker.housekeeping())
+        health = loop.create_task(worker.watch_health())
         await worker.stopped.wait()
         housekeeping.cancel()
+        health.cancel()
 
     try:
         loop.run_until_complete(run())

@@ -1,0 +1,218 @@
+"""The health checker process: probes every enabled backend of every pool that
+has a health check, runs each backend's state machine (machine.py), and
+publishes the verdicts in the shared-memory health overlay (lbc.shm), where
+every worker reads them without a syscall.
+
+- Each backend has its own probe loop: the first probe comes at once (after
+  a jitter of at most 10% of the interval, so a thousand backends are not
+  probed in the same millisecond), then one per interval, each interval
+  jittered by at most 10%.
+- A verdict change bumps the overlay's generation; workers poll it a few
+  dozen times a second and rebuild their eligible lists when it moves.
+- A heartbeat goes into the overlay four times a second; workers stop
+  trusting verdicts older than three intervals (see machine.eligible).
+- Host names are resolved here, never per request and never at compile time:
+  again every DNS_TTL seconds, for every backend written as a name (also in
+  pools without a health check), and published with the verdicts; workers
+  connect to the published address. A name that stops resolving fails its
+  probes and so becomes unhealthy.
+- On SIGHUP the checker reads the live table: new backends start unknown
+  and are probed at once, removed ones are forgotten, unchanged ones keep
+  their state and counters. Started afresh (supervisord restarts it), it
+  continues from the states in the overlay, so a restart flips nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lbc_workers.health.machine import NAMES, UNKNOWN, Health, Thresholds, observe
+from lbc_workers.health.probes import Prober
+
+from lbc import shm as shmmod
+from lbc.config.addresses import address_kind
+from lbc.errors import LbcError
+from lbc.state import StateDir, slot_key
+from lbc.table import Backend, HealthCheck, Pool, TableError
+
+log = logging.getLogger("lbc.health")
+DNS_TTL = 30.0  # seconds a resolved name is used before it is resolved again
+HEARTBEAT_EVERY = 0.25
+JITTER = 0.1  # at most this share of the interval
+
+
+@dataclass(slots=True)
+class Target:
+    key: str
+    slot: int
+    pool: Pool
+    backend: Backend
+    health: Health
+    prober: Prober | None  # None: the pool has no check, the name is only resolved
+    task: asyncio.Task | None = None
+    resolved: str | None = None
+    resolved_at: float = -1e9
+
+    @property
+    def check(self) -> HealthCheck | None:
+        return self.pool.health_check
+
+
+class Checker:
+    def __init__(self, state: StateDir, loop: asyncio.AbstractEventLoop) -> None:
+        self.state = state
+        self.loop = loop
+        self.shm = shmmod.Shm(state.run / "shm", writable=True)
+        self.targets: dict[str, Target] = {}
+        self.rng = random.Random()
+        self.stopped = asyncio.Event()
+        self._reloading = asyncio.Lock()
+
+    async def reload(self) -> None:
+        async with self._reloading:
+            try:
+                version, table = self.state.current_table()
+                slots = self.state.slots()
+            except (LbcError, TableError) as e:
+                log.error("cannot read the live table: %s", e)
+                return
+            if table is None:
+                return
+            wanted: dict[str, tuple[Pool, Backend]] = {}
+            for pool in table.pools:
+                for b in pool.backends:
+                    if b.enabled and (pool.health_check is not None or address_kind(b.address) == "hostname"):
+                        wanted[slot_key(pool.name, b)] = (pool, b)
+            for key in [k for k in self.targets if k not in wanted]:
+                self._forget(self.targets.pop(key))
+            for key, (pool, backend) in wanted.items():
+                target = self.targets.get(key)
+                if target is not None and target.pool.health_check == pool.health_check:
+                    target.pool, target.backend = pool, backend
+                    continue
+                if target is not None:  # the check changed: same state, new probe settings
+                    self._forget(target)
+                    health = target.health
+                else:
+                    health = self._persisted(slots[key])
+                target = Target(key, slots[key], pool, backend, health, self._prober(pool, backend))
+                self.targets[key] = target
+                target.task = self.loop.create_task(self._run(target))
+            log.info("checking %d backends of table %s", len(self.targets), version[:12])
+
+    def _persisted(self, slot: int) -> Health:
+        """What an earlier run of the checker published: go on from there."""
+        info = self.shm.read_health(slot)
+        if not info.checked or info.state not in NAMES or (info.successes and info.failures):
+            return Health()
+        return Health(info.state, info.successes, info.failures)
+
+    @staticmethod
+    def _prober(pool: Pool, backend: Backend) -> Prober | None:
+        if pool.health_check is None:
+            return None
+        return Prober(pool.health_check, backend.address, backend.port, backend.id, backend.health_check_path)
+
+    def _forget(self, target: Target) -> None:
+        if target.task is not None:
+            target.task.cancel()
+        if target.prober is not None:
+            target.prober.close()
+
+    async def _run(self, t: Target) -> None:
+        check = t.check
+        interval = check.interval_ms / 1000 if check else DNS_TTL
+        await asyncio.sleep(self.rng.uniform(0, JITTER) * interval)
+        thresholds = Thresholds(check.healthy_threshold, check.unhealthy_threshold) if check else None
+        while True:
+            started = self.loop.time()
+            address = await self._resolve(t)
+            if check is None:
+                self._publish(t, t.health, 0.0, "" if address else "name does not resolve", address, changed=False)
+            else:
+                if address is None:
+                    passed, latency, error = False, 0.0, f"{t.backend.address} does not resolve"
+                else:
+                    passed, latency, error = await t.prober.probe(address)
+                before = t.health
+                t.health = observe(before, passed, thresholds)
+                self._publish(t, t.health, latency, error, address, changed=t.health.state != before.state)
+                if t.health.state != before.state:
+                    log.info("backend %s of pool %s: %s -> %s (%s)", t.backend.id, t.pool.name,
+                             NAMES[before.state], NAMES[t.health.state], error or "probe passed")
+            pause = interval * (1 + self.rng.uniform(-JITTER, JITTER))
+            await asyncio.sleep(max(0.0, started + pause - self.loop.time()))
+
+    def _publish(self, t: Target, h: Health, latency: float, error: str, address: str | None, changed: bool) -> None:
+        published = address if address and address != t.backend.address else ""
+        old = self.shm.read_health(t.slot)
+        self.shm.write_health(t.slot, shmmod.HealthInfo(
+            state=h.state if t.check else UNKNOWN, checked=t.check is not None, successes=h.successes,
+            failures=h.failures, last_check=time.time(), latency_ms=latency, address=published, error=error))
+        if changed or old.address != published:
+            self.shm.bump_health_generation()
+
+    async def _resolve(self, t: Target) -> str | None:
+        address = t.backend.address
+        if address_kind(address) != "hostname":
+            return address
+        now = self.loop.time()
+        if now - t.resolved_at < DNS_TTL:
+            return t.resolved
+        t.resolved_at = now
+        try:
+            infos = await self.loop.getaddrinfo(address, t.backend.port, type=socket.SOCK_STREAM)
+            t.resolved = infos[0][4][0]
+        except (socket.gaierror, OSError, IndexError):
+            t.resolved = None
+        return t.resolved
+
+    async def heartbeat(self) -> None:
+        pid = os.getpid()
+        while not self.stopped.is_set():
+            self.shm.write_health_heartbeat(pid)
+            await asyncio.sleep(HEARTBEAT_EVERY)
+
+    def stop(self) -> None:
+        for target in self.targets.values():
+            self._forget(target)
+        self.stopped.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lbc_workers.health")
+    parser.add_argument("--state", required=True, type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s health[%(process)d] %(levelname)s %(message)s")
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    checker = Checker(StateDir(args.state), loop)
+    (checker.state.run / "health.pid").write_text(f"{os.getpid()}\n")
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(checker.reload()))
+    loop.add_signal_handler(signal.SIGTERM, checker.stop)
+    loop.add_signal_handler(signal.SIGINT, checker.stop)
+
+    async def run() -> None:
+        await checker.reload()
+        beat = loop.create_task(checker.heartbeat())
+        await checker.stopped.wait()
+        beat.cancel()
+
+    try:
+        loop.run_until_complete(run())
+    finally:
+        (checker.state.run / "health.pid").unlink(missing_ok=True)
+    return 0
