@@ -72,9 +72,15 @@ def main() -> int:
         after, elapsed = checker.cpu_times(), time.monotonic() - start
         used = (after.user + after.system) - (before.user + before.system)
         share = used / elapsed
-        print(f"health checker: {n} backends, {args.type} checks every 1 s, all {healthy} healthy; "
-              f"{used:.2f} CPU-s over {elapsed:.1f} s = {share * 100:.1f}% of one core "
-              f"({used / elapsed / n * 1e6:.0f} us per probe); bar: under 20%: {'met' if share < 0.2 else 'NOT met'}")
+        line = (f"health checker: {n} backends, {args.type} checks every 1 s, all {healthy} healthy; "
+                f"{used:.2f} CPU-s over {elapsed:.1f} s = {share * 100:.1f}% of one core "
+                f"({used / elapsed / n * 1e6:.0f} us per probe); bar: under 20%: {'met' if share < 0.2 else 'NOT met'}")
+        print(line)
+        (ROOT / "bench" / "RESULTS-health.md").write_text(
+            "# Health checker CPU\n\n"
+            f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {psutil.cpu_count()} CPUs\n"
+            f"- Command: `.venv/bin/python bench/health_checker.py --backends {n} --seconds {args.seconds:g} "
+            f"--type {args.type}`\n- Result: {line}\n")
         return 0 if share < 0.2 else 1
     finally:
         subprocess.run([*lbc, "down", "--state", str(state), "--drain-timeout", "1"], capture_output=True)
