@@ -288,3 +288,49 @@ def test_a_backend_keep_alive_head_passes_unchanged_when_the_client_stays():
     assert b"Keep-Alive" not in lower(with_timeout) and b"Connection" not in lower(with_timeout)
     closing = nginx.replace(b"keep-alive", b"close")
     assert b"Connection" not in lower(closing)  # the backend's close is not the client's
+
+
+def test_the_fast_path_gives_what_the_general_path_gives():
+    """Heads the fast path takes (origin-form, only Host and X-Request-ID among
+    the headers rules act on) lower exactly as the general path lowers them."""
+    import random
+
+    rng = random.Random(7)
+    names = [b"Accept", b"User-Agent", b"Cookie", b"X-Request-Id", b"x-request-id", b"Referer", b"X-Custom"]
+    for i in range(300):
+        lines = [b"Host: " + rng.choice([b"a.example", b"A.Example:8080", b"[::1]:80", b"b.example.", b"127.0.0.1:80"])]
+        for _ in range(rng.randrange(6)):
+            lines.append(rng.choice(names) + b": " + rng.choice([b"v", b" spaced ", b"x-" + str(i).encode(), b""]))
+        rng.shuffle(lines)
+        url = rng.choice([b"/", b"/a?b=c", b"/p/q", b"/x?y"])
+        version = rng.choice([b"1.1", b"1.0"])
+        raw = b"GET " + url + b" HTTP/" + version + b"\r\n" + b"\r\n".join(lines) + b"\r\n\r\n"
+        for r in (RULES, rules(forwarded=False), rules(add=b"X-Env: prod\r\n", add_names=(b"x-env",))):
+            low = raw.lower()
+            fast = h1._plain_request(raw, low, b"GET", url, version, r, b"192.0.2.1", lambda: b"gen-1")
+            general = h1._general_request(raw, low, raw.find(b"\r\n"), b"GET", url, version, r, b"192.0.2.1",
+                                          lambda: b"gen-1")
+            if fast is not None:
+                assert fast == general, raw
+
+
+def test_plain_responses_are_what_the_general_path_passes_unchanged():
+    import random
+
+    rng = random.Random(11)
+    extra = [b"Server: nginx", b"Date: Sun, 29 Nov 2026 21:00:00 GMT", b"Connection: keep-alive",
+             b"Connection: close", b"Keep-Alive: timeout=5", b"Content-Length: 3", b"content-length: 3",
+             b"Content-Length: 4", b"Transfer-Encoding: chunked", b"X-Served-By: backend", b"Connection: x-hop"]
+    for rules in (h1.ResponseRules(b"", ()), h1.ResponseRules(b"X-Served-By: lbc\r\n", (b"x-served-by",))):
+        for _ in range(400):
+            status = rng.choice([b"200 OK", b"404 Not Found", b"503 X", b"204 No Content", b"304 X", b"101 X"])
+            version = rng.choice([b"HTTP/1.1 ", b"HTTP/1.0 "])
+            lines = rng.sample(extra, rng.randrange(4))
+            raw = version + status + b"\r\n" + b"".join(x + b"\r\n" for x in lines) + b"\r\n"
+            method = rng.choice([b"GET", b"HEAD"])
+            n = h1.plain_response_length(raw, method, rules)
+            if n < 0:
+                continue
+            resp = h1.parse_response_head(raw, method, False, rules)
+            assert (resp.framing, resp.length, resp.keep_alive) == (h1.LENGTH, n, True), raw
+            assert h1.lower_response(resp, rules, None) is raw, raw

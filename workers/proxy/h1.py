@@ -68,15 +68,16 @@ class HeadRules:
     add_names: tuple[bytes, ...]  # lowercase names of `add` (they replace the client's)
     forwarded: bool
     proto: bytes  # b"http" or b"https"
-    extra_names: tuple[bytes, ...] = ()  # names routes or hash keys read
     names: re.Pattern[bytes] = field(init=False, repr=False, compare=False)
+    special: re.Pattern[bytes] = field(init=False, repr=False, compare=False)
     drop: frozenset[bytes] = field(init=False, repr=False, compare=False)
     proto_line: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        wanted = dict.fromkeys(_ALWAYS + self.remove + self.add_names + self.extra_names)
-        pattern = rb"\r\n(" + b"|".join(re.escape(n) for n in sorted(wanted, key=len, reverse=True)) + rb"):"
-        object.__setattr__(self, "names", re.compile(pattern))
+        object.__setattr__(self, "names", _names_pattern(_ALWAYS + self.remove + self.add_names))
+        # Any of these in a head means the general path (the fast one knows Host and X-Request-ID only).
+        special = tuple(n for n in _ALWAYS + self.remove + self.add_names if n not in (b"host", b"x-request-id"))
+        object.__setattr__(self, "special", _names_pattern(special))
         drop = set(HOP_BY_HOP) | set(self.remove) | set(self.add_names)
         if self.forwarded:
             drop |= {b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-for"}
@@ -127,6 +128,12 @@ def _lines_with(low: bytes, name: bytes) -> list[tuple[int, int]]:
     return spans
 
 
+def _names_pattern(names: tuple[bytes, ...]) -> re.Pattern[bytes]:
+    """`\r\n(name|...):` over a lowered head; longest names first."""
+    ordered = sorted(dict.fromkeys(names), key=len, reverse=True)
+    return re.compile(rb"\r\n(" + b"|".join(re.escape(n) for n in ordered) + rb"):")
+
+
 def _value(raw: bytes, found: dict[bytes, list[tuple[int, int]]], name: bytes) -> bytes | None:
     spans = found.get(name)
     if spans is None:
@@ -151,7 +158,16 @@ def parse_request_head(raw: bytes, method: bytes, url: bytes, version: bytes, ru
     low = raw.lower()
     if low.count(b"\r\n") - 2 > rules.max_headers:
         raise HeadError(431, "too many header fields")
+    if url[:1] == b"/" and line_end == len(method) + len(url) + 10 and rules.special.search(low) is None:
+        fast = _plain_request(raw, low, method, url, version, rules, client_ip, new_id)
+        if fast is not None:
+            return fast
+    return _general_request(raw, low, line_end, method, url, version, rules, client_ip, new_id)
 
+
+def _general_request(raw: bytes, low: bytes, line_end: int, method: bytes, url: bytes, version: bytes,
+                     rules: HeadRules, client_ip: bytes, new_id: Callable[[], bytes]) -> Request:
+    """Any head llhttp accepted, within the limits: the rules applied in full."""
     # name -> [(start, end)] of each line with that name
     found: dict[bytes, list[tuple[int, int]]] = {}
     for m in rules.names.finditer(low):
@@ -259,6 +275,45 @@ def parse_request_head(raw: bytes, method: bytes, url: bytes, version: bytes, ru
                    request_id, low, raw)
 
 
+def _plain_request(raw: bytes, low: bytes, method: bytes, url: bytes, version: bytes, rules: HeadRules,
+                   client_ip: bytes, new_id: Callable[[], bytes]) -> Request | None:
+    """The common case, without building a table of the head's headers: an
+    origin-form target on a canonical request line, and no header the rules
+    act on but Host and X-Request-ID (checked by the caller). The result is
+    what the general path gives; None sends the head there instead."""
+    h = low.find(b"\r\nhost:")
+    if h < 0 or low.find(b"\r\nhost:", h + 7) >= 0:
+        return None  # no Host, or two: the general path says which error
+    end = low.find(b"\r\n", h + 7)
+    host_value = raw[h + 7 : end].strip(b" \t")
+    host = low[h + 7 : end].strip(b" \t")
+    colon = host.rfind(b":")
+    if colon > 0 and host[0] != 91 and host[colon - 1] != 46:  # name:port (91 "[", 46 ".")
+        host = host[:colon]
+    elif colon >= 0 or host[-1:] == b".":
+        host = _host_without_port(host)
+    q = url.find(b"?")
+    parts = [raw[: len(raw) - 2]]
+    if rules.add:
+        parts.append(rules.add)
+    request_id = b""
+    if rules.forwarded:
+        parts += (b"X-Forwarded-For: ", client_ip, b"\r\n", rules.proto_line)
+        if host_value:
+            parts += (b"X-Forwarded-Host: ", host_value, b"\r\n")
+        r = low.find(b"\r\nx-request-id:")
+        if r >= 0:
+            request_id = raw[r + 15 : low.find(b"\r\n", r + 15)].strip(b" \t")
+        if not request_id:
+            if r >= 0:
+                return None  # an empty one is replaced: the general path removes it
+            request_id = new_id()
+            parts += (b"X-Request-ID: ", request_id, b"\r\n")
+    parts.append(b"\r\n")
+    return Request(method, url, url if q < 0 else url[:q], host, version, NO_BODY, 0, version == b"1.1", False,
+                   b"".join(parts), request_id, low, raw)
+
+
 def _target(url: bytes) -> tuple[bytes, bytes, bytes | None]:
     """(origin-form target, path, authority of an absolute-form target)."""
     if url[:1] == b"/":
@@ -305,12 +360,15 @@ class ResponseRules:
     add: bytes  # precomputed "Name: value\r\n" lines (they replace the backend's)
     add_names: tuple[bytes, ...]  # lowercase
     names: re.Pattern[bytes] = field(init=False, repr=False, compare=False)
+    special: re.Pattern[bytes] = field(init=False, repr=False, compare=False)
     drop: frozenset[bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        wanted = dict.fromkeys(_RESPONSE_HOP + (b"content-length", b"transfer-encoding") + self.add_names)
-        pattern = rb"\r\n(" + b"|".join(re.escape(n) for n in sorted(wanted, key=len, reverse=True)) + rb"):"
-        object.__setattr__(self, "names", re.compile(pattern))
+        object.__setattr__(self, "names", _names_pattern(
+            _RESPONSE_HOP + (b"content-length", b"transfer-encoding") + self.add_names))
+        # Any of these in a head means parse_response_head (plain_response_length knows the others).
+        special = tuple(n for n in _RESPONSE_HOP + (b"transfer-encoding",) + self.add_names if n != b"connection")
+        object.__setattr__(self, "special", _names_pattern(special))
         object.__setattr__(self, "drop", frozenset(_RESPONSE_HOP + self.add_names))
 
 
@@ -325,6 +383,33 @@ class Response:
     found: dict[bytes, list[tuple[int, int]]]  # header name -> line spans, for lower_response
     listed: tuple[bytes, ...]  # other header names the backend's Connection header lists
     connection: bytes  # the backend's Connection value, lowercase (b"" without one)
+
+
+def plain_response_length(raw: bytes, method: bytes, rules: ResponseRules) -> int:
+    """The body length of the common response that goes to a kept-alive
+    client unchanged: HTTP/1.1, a status with a body (not 1xx, 204, 304; not
+    to HEAD), exactly one Content-Length, no hop-by-hop header but at most one
+    `Connection: keep-alive` (lbc's own option then, see lower_response), and
+    no response headers to add on the listener. -1 for any other:
+    parse_response_head decides those."""
+    if rules.add or raw[:9] != b"HTTP/1.1 " or method == b"HEAD" or raw[9:10] == b"1" or raw[9:12] in (b"204", b"304"):
+        return -1
+    low = raw.lower()
+    if rules.special.search(low) is not None:
+        return -1
+    c = low.find(b"\r\nconnection:")
+    if c >= 0:
+        e = low.find(b"\r\n", c + 13)
+        if low[c + 13 : e].strip(b" \t") != b"keep-alive" or low.find(b"\r\nconnection:", e) >= 0:
+            return -1
+    i = low.find(b"\r\ncontent-length:")
+    if i < 0:
+        return -1
+    e = low.find(b"\r\n", i + 17)
+    value = raw[i + 17 : e].strip(b" \t")
+    if not value.isdigit() or low.find(b"\r\ncontent-length:", e) >= 0 or not raw[9:12].isdigit():
+        return -1
+    return int(value)
 
 
 def parse_response_head(raw: bytes, method: bytes, upgrade_requested: bool, rules: ResponseRules) -> Response:

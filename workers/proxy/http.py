@@ -66,6 +66,8 @@ MAX_PENDING = 256 * 1024  # body bytes buffered while connecting, before reading
 MAX_RESPONSE_HEAD = 64 * 1024
 MAX_IDLE_PER_BACKEND = 64
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+# What a plain response (h1.plain_response_length) leaves for the rest of the cycle: only read.
+_PLAIN = h1.Response(200, h1.LENGTH, 0, True, False, b"", {}, (), b"keep-alive")
 
 
 class _HeadParse:
@@ -577,8 +579,21 @@ class HttpClient(asyncio.Protocol):
                 continue
             break
         self.resp_buf = b""
-        raw, rest = buf[: end + 4], buf[end + 4 :]
         req = self.req
+        if len(buf) - end - 4 == h1.plain_response_length(buf[: end + 4], req.method, self.listener.response_rules) \
+                and req.version == b"1.1" and not self.closing and self.req_done and not self.worker.draining \
+                and self.router is self.worker.router:
+            # The common case: the whole response in one read, passed on unchanged.
+            self.resp = _PLAIN
+            self.resp_started = True
+            if buf[9:10] == b"5":
+                self.worker.backend_failed(self.pool, self.backend)
+            else:
+                self.backend.consecutive_failures = 0
+            self.transport.write(buf)
+            self._response_done()
+            return
+        raw, rest = buf[: end + 4], buf[end + 4 :]
         try:
             resp = h1.parse_response_head(raw, req.method, req.upgrade, self.listener.response_rules)
         except h1.HeadError as e:
