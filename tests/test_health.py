@@ -212,3 +212,48 @@ def test_host_names_are_resolved_by_the_checker(node, origins, ip):
     assert rows["by-name"]["resolved"] == "127.0.0.1"
     assert "does not resolve" in rows["nowhere"]["error"]
     assert {get(ip, 8080)[2] for _ in range(4)} == {b"named\n"}
+
+
+@pytest.mark.parametrize("drain", ["30s", "1s"])
+def test_a_backend_turning_unhealthy_drains(node, origins, ip, drain):
+    """No new requests once unhealthy; the one in flight finishes within the
+    pool's drain_timeout (30 s), or is cut when that runs out first (1 s)."""
+    import threading
+
+    origins("slow", http=[f"{ip}:9101"])
+    origins("other", http=[f"{ip}:9102"])
+
+    def config(path: str) -> str:
+        return (f"version: 1\nglobal: {{workers: 1}}\nlisteners:\n  - {{name: web, bind: \"{ip}:8080\", routes: "
+                f"[{{pool: web}}]}}\npools:\n  - name: web\n    drain_timeout: {drain}\n    health_check: {CHECK}\n"
+                f"    backends:\n      - {{id: slow, address: {ip}, port: 9101, health_check_path: {path}}}\n"
+                f"      - {{id: other, address: {ip}, port: 9102}}\n")
+
+    node.up(config("/health"))
+    assert wait_until(lambda: set(health_of(node).values()) == {"healthy"}, 10)
+    result: dict = {}
+
+    def slow_request() -> None:  # a POST: cut, it must not be retried elsewhere
+        import http.client
+
+        conn = http.client.HTTPConnection(ip, 8080, timeout=30)
+        try:
+            conn.request("POST", "/slow?s=6&n=50000", body=b"")
+            r = conn.getresponse()
+            result["status"], result["body"] = r.status, r.read()
+        except OSError as e:
+            result["error"] = e
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=slow_request)  # the first request through round robin: `slow`
+    t.start()
+    time.sleep(0.5)
+    assert node.apply(config("/status/500")).returncode == 0
+    assert wait_until(lambda: health_of(node)["slow"] == "unhealthy", 8)
+    assert {get(ip, 8080, "/")[2] for _ in range(4)} == {b"other\n"}
+    t.join(30)
+    if drain == "30s":
+        assert result.get("status") == 200 and result.get("body") == b"x" * 50000
+    else:
+        assert result.get("status") == 502, result  # cut after the drain timeout, before any response byte

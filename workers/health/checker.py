@@ -97,10 +97,10 @@ class Checker:
                 self._forget(self.targets.pop(key))
             for key, (pool, backend) in wanted.items():
                 target = self.targets.get(key)
-                if target is not None and target.pool.health_check == pool.health_check:
-                    target.pool, target.backend = pool, backend
+                if target is not None and target.pool.health_check == pool.health_check and target.backend == backend:
+                    target.pool = pool
                     continue
-                if target is not None:  # the check changed: same state, new probe settings
+                if target is not None:  # how to probe it changed: same state, new probe settings
                     self._forget(target)
                     health = target.health
                 else:
