@@ -134,6 +134,20 @@ def _names_pattern(names: tuple[bytes, ...]) -> re.Pattern[bytes]:
     return re.compile(rb"\r\n(" + b"|".join(re.escape(n) for n in ordered) + rb"):")
 
 
+def _header_lines(low: bytes, names: re.Pattern[bytes]) -> dict[bytes, list[tuple[int, int]]]:
+    """name -> [(start, end)] of each line of a lowered head with one of
+    `names`; each span starts at the line's leading CRLF."""
+    found: dict[bytes, list[tuple[int, int]]] = {}
+    for m in names.finditer(low):
+        name = m.group(1)
+        span = (m.start(), low.find(b"\r\n", m.end()))
+        if name in found:
+            found[name].append(span)
+        else:
+            found[name] = [span]
+    return found
+
+
 def _value(raw: bytes, found: dict[bytes, list[tuple[int, int]]], name: bytes) -> bytes | None:
     spans = found.get(name)
     if spans is None:
@@ -168,15 +182,7 @@ def parse_request_head(raw: bytes, method: bytes, url: bytes, version: bytes, ru
 def _general_request(raw: bytes, low: bytes, line_end: int, method: bytes, url: bytes, version: bytes,
                      rules: HeadRules, client_ip: bytes, new_id: Callable[[], bytes]) -> Request:
     """Any head llhttp accepted, within the limits: the rules applied in full."""
-    # name -> [(start, end)] of each line with that name
-    found: dict[bytes, list[tuple[int, int]]] = {}
-    for m in rules.names.finditer(low):
-        name = m.group(1)
-        span = (m.start(), low.find(b"\r\n", m.end()))
-        if name in found:
-            found[name].append(span)
-        else:
-            found[name] = [span]
+    found = _header_lines(low, rules.names)
 
     if url[:1] == b"/":  # origin-form, the common case
         q = url.find(b"?")
@@ -419,14 +425,7 @@ def parse_response_head(raw: bytes, method: bytes, upgrade_requested: bool, rule
         raise HeadError(502, "bad status line from the backend")
     status = int(raw[9:12])
     low = raw.lower()
-    found: dict[bytes, list[tuple[int, int]]] = {}
-    for m in rules.names.finditer(low):
-        name = m.group(1)
-        span = (m.start(), low.find(b"\r\n", m.end()))
-        if name in found:
-            found[name].append(span)
-        else:
-            found[name] = [span]
+    found = _header_lines(low, rules.names)
     keep_alive = raw[7:8] == b"1"
     listed: tuple[bytes, ...] = ()
     connection = b""
