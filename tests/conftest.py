@@ -15,6 +15,25 @@ EXAMPLE = ROOT / "examples" / "pool.yaml"
 CASES = Path(__file__).resolve().parent / "cases"
 
 
+def https_config(cert: Path, key: Path, weight: int = 1, extra_backends: str = "") -> str:
+    """A one-listener https config on 127.0.0.1:8443 with one certificate."""
+    return f"""\
+version: 1
+listeners:
+  - name: web
+    bind: 127.0.0.1:8443
+    protocol: https
+    tls:
+      certificates:
+        - {{cert: {cert}, key: {key}}}
+    routes: [{{pool: web}}]
+pools:
+  - name: web
+    backends:
+      - {{id: web-1, address: 127.0.0.1, port: 9101, weight: {weight}}}
+{extra_backends}"""
+
+
 def lbc(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run the real `lbc` command in a child process."""
     full_env = {**os.environ, **(env or {})}

@@ -8,7 +8,7 @@ import json
 import os
 import stat
 
-from conftest import EXAMPLE, lbc
+from conftest import EXAMPLE, https_config, lbc
 
 from lbc import service, table
 from lbc.hashing import hash64, lookup_table, maglev_table, pick_index
@@ -126,20 +126,8 @@ def test_table_round_trips_and_rejects_tampering():
 
 
 def test_key_material_never_leaves_the_secrets_directory(write, tmp_path, tls_files):
-    cfg = write("tls.yaml", f"""\
-version: 1
-listeners:
-  - name: web
-    bind: 127.0.0.1:8443
-    protocol: https
-    tls:
-      certificates:
-        - {{cert: {tls_files['www_cert']}, key: {tls_files['www_key']}}}
-    routes: [{{pool: web}}]
-pools:
-  - name: web
-    backends: [{{id: w, address: 127.0.0.1, port: 9101}}]
-""")
+    cfg = write("tls.yaml", https_config(tls_files["www_cert"], tls_files["www_key"]))
+
     state = tmp_path / "state"
     key = tls_files["www_key"].read_text()
     body = [line for line in key.splitlines() if line and not line.startswith("-----")]

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import lbc
+from conftest import https_config, lbc
 
 from lbc import service
 from lbc.state import FAULT_POINTS, StateDir
@@ -35,24 +35,6 @@ pools:
       - {{id: web-1, address: 127.0.0.1, port: 9101, weight: {weight}}}
       - {{id: web-2, address: 127.0.0.1, port: 9102}}
 """
-
-TLS = """\
-version: 1
-listeners:
-  - name: web
-    bind: 127.0.0.1:8443
-    protocol: https
-    tls:
-      certificates:
-        - {{cert: {cert}, key: {key}}}
-    routes:
-      - pool: web
-pools:
-  - name: web
-    backends:
-      - {{id: web-1, address: 127.0.0.1, port: 9101, weight: {weight}}}
-"""
-
 
 def assert_consistent(root: Path) -> str | None:
     """What every crash must leave: `current` names a complete table whose
@@ -240,10 +222,10 @@ def crash_setup(tmp_path, tls_files):
     backend, so an install of v2 writes secrets, a table, slots, history and
     current."""
     v1 = tmp_path / "v1.yaml"
-    v1.write_text(TLS.format(cert=tls_files["www_cert"], key=tls_files["www_key"], weight=1))
+    v1.write_text(https_config(tls_files["www_cert"], tls_files["www_key"]))
     v2 = tmp_path / "v2.yaml"
-    v2.write_text(TLS.format(cert=tls_files["api_cert"], key=tls_files["api_key"], weight=2)
-                  + "      - {id: web-2, address: 127.0.0.1, port: 9102}\n")
+    v2.write_text(https_config(tls_files["api_cert"], tls_files["api_key"], weight=2,
+                               extra_backends="      - {id: web-2, address: 127.0.0.1, port: 9102}\n"))
     template = tmp_path / "template"
     assert lbc("apply", str(v1), "--state", str(template)).returncode == 0
     return template, v1, v2
