@@ -89,7 +89,14 @@ def _listener(x: Tree, config: Config) -> Listener:
         remove_request_headers=tuple(sorted({h.lower() for h in x.get("remove_request_headers", ())})),
         add_response_headers=_pairs(x.get("add_response_headers", {})),
         forwarded_headers=bool(x["forwarded_headers"]) and l7,
+        redirect_https=_redirect(x["redirect_to_https"]) if protocol == "http" else None,
     )
+
+
+def _redirect(value: bool | int) -> int | None:
+    if value is True:
+        return 443
+    return value or None
 
 
 def _pairs(headers: Tree) -> tuple[tuple[str, str], ...]:
@@ -119,7 +126,22 @@ def _listener_tls(t: Tree, config: Config) -> ListenerTLS:
         cert, key = config.files[c["cert"]], config.files[c["key"]]
         info = config.certs[cert.sha256]
         certs.append(Certificate(cert.sha256, key.sha256, info.subject, info.names, info.not_after))
-    return ListenerTLS(certificates=tuple(certs), min_version=t["min_version"], ciphers=t["ciphers"])
+    hsts = None
+    if "hsts" in t:
+        hsts = f"max-age={duration_ms(t['hsts']['max_age']) // 1000}"
+        if t["hsts"]["include_subdomains"]:
+            hsts += "; includeSubDomains"
+    mtls = "client_ca" in t
+    return ListenerTLS(
+        certificates=tuple(certs),
+        min_version=t["min_version"],
+        ciphers=t["ciphers"],
+        strict_sni=t["strict_sni"],
+        hsts=hsts,
+        client_ca_sha256=config.files[t["client_ca"]].sha256 if mtls else None,
+        client_verify=t["client_verify"] if mtls else "none",
+        client_subject_header=t["client_subject_header"].lower() if mtls else "",
+    )
 
 
 def _pool(p: Tree, config: Config, global_drain_ms: int) -> Pool:

@@ -173,6 +173,7 @@ class Node:
 
     def write_config(self, table: RoutingTable, foreground: bool) -> None:
         self.run.mkdir(parents=True, exist_ok=True)
+        (self.run / "openssl.cnf").write_text(files("lbc.templates").joinpath("openssl.cnf.j2").read_text())
         text = self.render(worker_count(table), stop_wait_seconds(table), foreground)
         tmp = self.conf.with_name(self.conf.name + ".tmp")
         tmp.write_text(text)

@@ -111,7 +111,12 @@ class Certificate:
 class ListenerTLS:
     certificates: tuple[Certificate, ...]  # the first is the default
     min_version: str
-    ciphers: str
+    ciphers: str  # TLS 1.2 only: OpenSSL has no per-context API for TLS 1.3 suites in Python
+    strict_sni: bool
+    hsts: str | None  # the Strict-Transport-Security value to send, if any
+    client_ca_sha256: str | None  # mTLS: verify client certificates against this CA
+    client_verify: str  # required, optional, or none (no client_ca)
+    client_subject_header: str  # lowercase
 
     def __post_init__(self) -> None:
         _require(len(self.certificates) > 0, "tls needs a certificate")
@@ -133,6 +138,7 @@ class Listener:
     remove_request_headers: tuple[str, ...]  # lowercase
     add_response_headers: tuple[Pair, ...]
     forwarded_headers: bool
+    redirect_https: int | None  # http: answer 301 to https on this port (443 when the URL needs none)
 
     def __post_init__(self) -> None:
         _require(self.protocol in PROTOCOLS, f"unknown protocol {self.protocol!r}")
@@ -151,7 +157,8 @@ class Listener:
     def socket_key(self) -> tuple[str, str, int]:
         """What its listening socket is: transport, host, port (TCP and UDP
         may share a port; a protocol change on one socket keeps the socket)."""
-        return ("udp" if self.protocol == "udp" else "tcp", self.host, self.port)
+        transport = {"udp": "udp", "https": "tls"}.get(self.protocol, "tcp")  # https: a server with a TLS context
+        return (transport, self.host, self.port)
 
     def pools_used(self) -> tuple[str, ...]:
         names = [r.pool for r in self.routes] + ([self.pool] if self.pool else [])
@@ -293,6 +300,8 @@ class RoutingTable:
             if listener.tls:
                 for c in listener.tls.certificates:
                     out.update((c.cert_sha256, c.key_sha256))
+                if listener.tls.client_ca_sha256:
+                    out.add(listener.tls.client_ca_sha256)
         for pool in self.pools:
             if pool.tls and pool.tls.ca_sha256:
                 out.add(pool.tls.ca_sha256)

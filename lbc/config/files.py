@@ -80,6 +80,8 @@ def _references(data: Any) -> Iterator[tuple[Path, str]]:
                 for kind in ("cert", "key"):
                     if kind in pair:  # else the schema reported it missing
                         yield base + (kind,), kind
+            if "client_ca" in tls:
+                yield ("listeners", i, "tls", "client_ca"), "ca"
     for i, pool in dicts(data, "pools"):
         if isinstance(pool.get("tls"), dict) and "ca_file" in pool["tls"]:
             yield ("pools", i, "tls", "ca_file"), "ca"

@@ -124,6 +124,13 @@ class _Checker:
                 if self.doc.written(base + (key,)):
                     self.error(base + (key,), f"{key} applies only to http and https listeners", key=True)
             self.pool_ref(base + ("pool",), listener.get("pool"), protocol)
+        if protocol != "http" and self.doc.written(base + ("redirect_to_https",)):
+            self.error(base + ("redirect_to_https",), "redirect_to_https applies only to http listeners", key=True)
+        tls = listener.get("tls")
+        if isinstance(tls, dict) and "client_ca" not in tls:
+            for key in ("client_verify", "client_subject_header"):
+                if self.doc.written(base + ("tls", key)):
+                    self.error(base + ("tls", key), f"{key} needs client_ca", key=True)
         if protocol == "https" and "tls" not in listener:
             self.error(base, "https listener needs tls.certificates")
         if protocol != "https" and "tls" in listener:

@@ -157,9 +157,11 @@ def _value(raw: bytes, found: dict[bytes, list[tuple[int, int]]], name: bytes) -
 
 
 def parse_request_head(raw: bytes, method: bytes, url: bytes, version: bytes, rules: HeadRules,
-                       client_ip: bytes, new_id: Callable[[], bytes]) -> Request:
+                       client_ip: bytes, new_id: Callable[[], bytes], conn_headers: bytes = b"") -> Request:
     """Check and lower one request head. `raw` ends with CRLFCRLF; method,
     url and version come from llhttp, which accepted the head already.
+    `conn_headers` are lines this connection adds to each of its requests
+    (the verified client certificate subject of an mTLS connection).
     (Written for the common case: a few dict lookups when the head holds
     none of the headers the rules act on.)"""
     line_end = raw.find(b"\r\n")
@@ -173,14 +175,15 @@ def parse_request_head(raw: bytes, method: bytes, url: bytes, version: bytes, ru
     if low.count(b"\r\n") - 2 > rules.max_headers:
         raise HeadError(431, "too many header fields")
     if url[:1] == b"/" and line_end == len(method) + len(url) + 10 and rules.special.search(low) is None:
-        fast = _plain_request(raw, low, method, url, version, rules, client_ip, new_id)
+        fast = _plain_request(raw, low, method, url, version, rules, client_ip, new_id, conn_headers)
         if fast is not None:
             return fast
-    return _general_request(raw, low, line_end, method, url, version, rules, client_ip, new_id)
+    return _general_request(raw, low, line_end, method, url, version, rules, client_ip, new_id, conn_headers)
 
 
 def _general_request(raw: bytes, low: bytes, line_end: int, method: bytes, url: bytes, version: bytes,
-                     rules: HeadRules, client_ip: bytes, new_id: Callable[[], bytes]) -> Request:
+                     rules: HeadRules, client_ip: bytes, new_id: Callable[[], bytes],
+                     conn_headers: bytes = b"") -> Request:
     """Any head llhttp accepted, within the limits: the rules applied in full."""
     found = _header_lines(low, rules.names)
 
@@ -236,6 +239,8 @@ def _general_request(raw: bytes, low: bytes, line_end: int, method: bytes, url: 
             spans += _lines_with(low, name)  # names only Connection listed
 
     extra = [rules.add] if rules.add else []
+    if conn_headers:
+        extra.append(conn_headers)
     request_id = b""
     if rules.forwarded:
         if b"x-forwarded-for" in found:
@@ -282,7 +287,7 @@ def _general_request(raw: bytes, low: bytes, line_end: int, method: bytes, url: 
 
 
 def _plain_request(raw: bytes, low: bytes, method: bytes, url: bytes, version: bytes, rules: HeadRules,
-                   client_ip: bytes, new_id: Callable[[], bytes]) -> Request | None:
+                   client_ip: bytes, new_id: Callable[[], bytes], conn_headers: bytes = b"") -> Request | None:
     """The common case, without building a table of the head's headers: an
     origin-form target on a canonical request line, and no header the rules
     act on but Host and X-Request-ID (checked by the caller). The result is
@@ -302,6 +307,8 @@ def _plain_request(raw: bytes, low: bytes, method: bytes, url: bytes, version: b
     parts = [raw[: len(raw) - 2]]
     if rules.add:
         parts.append(rules.add)
+    if conn_headers:
+        parts.append(conn_headers)
     request_id = b""
     if rules.forwarded:
         parts += (b"X-Forwarded-For: ", client_ip, b"\r\n", rules.proto_line)

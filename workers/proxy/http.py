@@ -50,10 +50,11 @@ The client connection's state machine:
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import TYPE_CHECKING
 
 import httptools
-from lbc_workers.proxy import h1
+from lbc_workers.proxy import h1, tls
 from lbc_workers.proxy.chunked import ChunkedDecoder, ChunkError
 
 if TYPE_CHECKING:
@@ -177,6 +178,7 @@ class HttpClient(asyncio.Protocol):
         "paused", "closing", "eof", "req", "pool", "backend", "up", "reused", "attempts", "pending",
         "pending_bytes", "body_left", "chunks", "req_done", "resp", "resp_buf", "resp_started",
         "resp_left", "resp_end", "resp_bytes", "router", "tunnel_eof", "in_heads", "more", "head_cb", "tried",
+        "conn_headers", "is_tls",
     )
 
     def __init__(self, worker: Worker, key) -> None:
@@ -201,6 +203,7 @@ class HttpClient(asyncio.Protocol):
         self.in_heads = False  # _heads is running (requests answered inside it loop, not recurse)
         self.more = False
         self.head_cb = _HeadParse()
+        self.conn_headers = b""
         self.resp_buf = b""
         self.pending = []
         self.chunks = None
@@ -212,6 +215,11 @@ class HttpClient(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0].encode() if peer else b""
         self.listener = self.worker.router.listeners.get(self.key)
+        self.is_tls = transport.get_extra_info("sslcontext") is not None
+        if self.listener is not None and self.listener.subject_header:
+            subject = tls.subject_of(transport.get_extra_info("peercert"))
+            if subject:  # verified by OpenSSL during the handshake
+                self.conn_headers = self.listener.subject_header + b": " + subject.encode("utf-8", "replace") + b"\r\n"
         self.worker.clients.add(self)
         self.worker.connections_opened += 1
         # Before the first byte, a silent connection gets the header timeout.
@@ -248,8 +256,8 @@ class HttpClient(asyncio.Protocol):
             if self.up is not None and not self.up.closed and self.up.transport.can_write_eof():
                 self.up.transport.write_eof()
             return self.tunnel_eof != 3
-        if self.state == HEAD and not self.buf:
-            return False  # closes
+        if (self.state == HEAD and not self.buf) or self.is_tls:
+            return False  # closes (a TLS connection cannot half-close: it closes whatever we answer)
         return True  # finish the response in flight, then close
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -364,7 +372,7 @@ class HttpClient(asyncio.Protocol):
         worker = self.worker
         try:
             req = h1.parse_request_head(raw, method, cb.url, _VERSIONS.get(parser.get_http_version(), b"?"),
-                                        listener.rules, self.peer, worker.next_request_id)
+                                        listener.rules, self.peer, worker.next_request_id, self.conn_headers)
         except h1.HeadError as e:
             self._reject(e.status, e.reason)
             return
@@ -389,6 +397,9 @@ class HttpClient(asyncio.Protocol):
         self.attempts = 0
         self.resp = None
         self.resp_bytes = 0
+        if listener.spec.redirect_https:
+            self._redirect(req, listener.spec.redirect_https)
+            return
         pool = listener.route(req)
         if pool is None:
             self._respond_error(404)
@@ -404,6 +415,20 @@ class HttpClient(asyncio.Protocol):
             if self.state == CLOSED:
                 return
         self._dispatch()
+
+    def _redirect(self, req: h1.Request, port: int) -> None:
+        """redirect_to_https: 301 to the same host and target over https."""
+        host = req.host if b":" not in req.host else b"[" + req.host + b"]"
+        authority = host if port == 443 else host + b":%d" % port
+        location = b"https://" + authority + req.target
+        close = not req.keep_alive or not self.req_done
+        self.transport.write(b"HTTP/1.1 301 Moved Permanently\r\nLocation: " + location +
+                             b"\r\nContent-Length: 0\r\n" + (b"Connection: close\r\n" if close else b"") + b"\r\n")
+        if close:
+            self.state = CLOSED
+            self.transport.close()
+        else:
+            self._next_request()
 
     def _reject(self, status: int, reason: str) -> None:
         self.worker.rejected += 1
@@ -483,10 +508,12 @@ class HttpClient(asyncio.Protocol):
         worker = self.worker
         try:
             _, up = await asyncio.wait_for(
-                worker.loop.create_connection(lambda: Upstream(worker, backend), backend.connect_address, backend.port),
+                worker.loop.create_connection(lambda: Upstream(worker, backend), backend.connect_address, backend.port,
+                                              ssl=self.pool.ssl, server_hostname=(self.pool.sni or backend.connect_address)
+                                              if self.pool.ssl else None),
                 self.listener.connect_s,
             )
-        except (TimeoutError, OSError) as e:
+        except (TimeoutError, OSError, ssl.SSLError) as e:
             if self.state != CONNECTING or self.backend is not backend:
                 return
             self._upstream_failed(504 if isinstance(e, asyncio.TimeoutError) else 502, sent=False)

@@ -16,16 +16,18 @@ import os
 import random
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 from lbc_workers import balance
 from lbc_workers.health.machine import HEALTHY, UNHEALTHY, eligible
 from lbc_workers.proxy.h1 import HeadRules, Request, ResponseRules
+from lbc_workers.proxy.tls import CertificateChooser, client_context
 
 from lbc import table as tablemod
 from lbc.config.addresses import address_kind
 from lbc.state import slot_key
 
-UNSERVED = frozenset({"https", "tls_passthrough"})  # validated and compiled, not yet proxied
+UNSERVED = frozenset({"tls_passthrough"})  # validated and compiled, not yet proxied
 BindKey = tuple[str, str, int]  # transport ("tcp" or "udp"), host, port: Listener.socket_key
 
 class BackendRuntime:
@@ -81,10 +83,14 @@ class BackendRuntime:
 
 
 class PoolRuntime:
-    __slots__ = ("name", "spec", "balancer", "backends", "enabled", "members", "hash_key", "trust_s")
+    __slots__ = ("name", "spec", "balancer", "backends", "enabled", "members", "hash_key", "trust_s", "ssl", "sni")
 
-    def __init__(self, spec: tablemod.Pool, backends: tuple[BackendRuntime, ...], balancer: balance.Balancer) -> None:
+    def __init__(self, spec: tablemod.Pool, backends: tuple[BackendRuntime, ...], balancer: balance.Balancer,
+                 secrets: Path) -> None:
         self.name = spec.name
+        # Re-encryption: connections to these backends speak TLS.
+        self.ssl = client_context(spec.tls, secrets) if spec.tls else None
+        self.sni = spec.tls.sni if spec.tls else None
         self.spec = spec
         self.backends = backends
         self.enabled = tuple(b for b in backends if b.enabled)
@@ -207,9 +213,9 @@ class CompiledRoute:
 
 class ListenerRuntime:
     __slots__ = ("spec", "name", "key", "protocol", "routes", "pool", "rules", "response_rules",
-                 "idle_s", "header_s", "connect_s", "response_s")
+                 "idle_s", "header_s", "connect_s", "response_s", "certificates", "subject_header")
 
-    def __init__(self, spec: tablemod.Listener, pools: dict[str, PoolRuntime]) -> None:
+    def __init__(self, spec: tablemod.Listener, pools: dict[str, PoolRuntime], secrets: Path) -> None:
         self.spec = spec
         self.name = spec.name
         self.key = spec.socket_key
@@ -221,20 +227,27 @@ class ListenerRuntime:
         self.header_s = t.client_header_ms / 1000
         self.connect_s = t.connect_ms / 1000
         self.response_s = t.response_ms / 1000
+        tls = spec.tls
+        self.certificates = CertificateChooser(tls, secrets) if tls else None
+        # mTLS: the verified subject goes to the backend in this header (what a client sends in it is dropped).
+        self.subject_header = tls.client_subject_header.encode() if tls and tls.client_ca_sha256 else b""
         add = b"".join(f"{n}: {v}\r\n".encode() for n, v in spec.add_request_headers)
         self.rules = HeadRules(
             max_request_line=spec.limits.max_request_line,
             max_head=spec.limits.max_request_head,
             max_headers=spec.limits.max_header_count,
-            remove=tuple(n.encode() for n in spec.remove_request_headers),
+            remove=tuple(n.encode() for n in spec.remove_request_headers) + ((self.subject_header,) if self.subject_header else ()),
             add=add,
             add_names=tuple(n.encode() for n, _ in spec.add_request_headers),
             forwarded=spec.forwarded_headers,
             proto=b"https" if spec.protocol == "https" else b"http",
         )
+        response_add = list(spec.add_response_headers)
+        if tls and tls.hsts:
+            response_add.append(("strict-transport-security", tls.hsts))
         self.response_rules = ResponseRules(
-            add=b"".join(f"{n}: {v}\r\n".encode() for n, v in spec.add_response_headers),
-            add_names=tuple(n.encode() for n, _ in spec.add_response_headers),
+            add=b"".join(f"{n}: {v}\r\n".encode() for n, v in response_add),
+            add_names=tuple(n.encode() for n, _ in response_add),
         )
 
     def route(self, req: Request) -> PoolRuntime | None:
@@ -258,7 +271,7 @@ class Router:
 
     @classmethod
     def build(cls, version: str, table: tablemod.RoutingTable, slots: dict[str, int], previous: Router | None,
-              rng: random.Random | None = None) -> Router:
+              secrets: Path, rng: random.Random | None = None) -> Router:
         """Build beside `previous`, reusing its backend runtimes and balancers.
         Pure apart from the objects it reuses: nothing is opened or closed."""
         workers = table.settings.workers or os.cpu_count() or 1
@@ -281,13 +294,13 @@ class Router:
                 balancer = old.balancer
             else:
                 balancer = balance.make(p.algorithm, rng)
-            pools[p.name] = PoolRuntime(p, tuple(runtimes), balancer)
+            pools[p.name] = PoolRuntime(p, tuple(runtimes), balancer, secrets)
         for x in table.listeners:
             if x.protocol in UNSERVED:
                 # Refuse rather than serve plaintext on a TLS port: apply then
                 # fails and puts the previous table back.
                 raise tablemod.TableError(f"listener {x.name}: {x.protocol} is not served by this version of lbc")
-        listeners = {x.socket_key: ListenerRuntime(x, pools) for x in table.listeners}
+        listeners = {x.socket_key: ListenerRuntime(x, pools, secrets) for x in table.listeners}
         return cls(version, table, listeners, pools, backends)
 
     def removed_since(self, previous: Router) -> Iterable[BackendRuntime]:

@@ -23,6 +23,7 @@ the pool's drain_timeout, then closes (one timer, armed once).
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -106,10 +107,12 @@ class TcpClient(asyncio.Protocol):
     async def _connect(self, backend: BackendRuntime, timeout: float) -> None:
         try:
             _, up = await asyncio.wait_for(
-                self.worker.loop.create_connection(lambda: TcpUpstream(self, backend), backend.connect_address, backend.port),
+                self.worker.loop.create_connection(
+                    lambda: TcpUpstream(self, backend), backend.connect_address, backend.port, ssl=self.pool.ssl,
+                    server_hostname=(self.pool.sni or backend.connect_address) if self.pool.ssl else None),
                 timeout,
             )
-        except (TimeoutError, OSError):
+        except (TimeoutError, OSError, ssl.SSLError):
             self.worker.backend_failed(self.pool, backend)
             self.transport.close()
             return

@@ -35,11 +35,13 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections import deque
 from pathlib import Path
 
+from lbc_workers.proxy import tls
 from lbc_workers.proxy.http import HttpClient
 from lbc_workers.proxy.router import BackendRuntime, BindKey, PoolRuntime, Router
 from lbc_workers.proxy.tcp import TcpClient
@@ -64,6 +66,7 @@ class Worker:
         self.loop = loop
         self.router: Router | None = None
         self.servers: dict[BindKey, object] = {}  # asyncio Server, or UdpListener
+        self.tls_policy: dict[BindKey, tuple] = {}  # what each https socket's entry context was made of
         self.clients: set = set()  # every connection and UDP session, for sweeps and drains
         self.dirty: set[BackendRuntime] = set()  # counters to publish
         self.retired: dict[str, BackendRuntime] = {}  # draining backends by identity
@@ -132,22 +135,28 @@ class Worker:
             self._report(attempted=version, error="")
             return
         opened: list[BindKey] = []
+        replaced: dict[BindKey, object] = {}  # https sockets whose TLS policy changed: the old servers
         try:
             _fault("reject", version)
             table = self.state.read_table(version)
-            router = Router.build(version, table, self.state.slots(), self.router)
-            for key in router.listeners:
+            router = Router.build(version, table, self.state.slots(), self.router, self.state.secrets)
+            for key, listener in router.listeners.items():
+                if key in self.servers and key[0] == "tls" and self.tls_policy.get(key) != tls.policy(listener.spec.tls):
+                    replaced[key] = self.servers.pop(key)  # a new socket beside it, then it closes
                 if key not in self.servers:
-                    await self._open(key)
+                    await self._open(key, listener)
                     opened.append(key)
-        except (LbcError, TableError, OSError, ValueError) as e:
+        except (LbcError, TableError, OSError, ValueError, ssl.SSLError) as e:
             for key in opened:
                 self._close_listener(key)
+            self.servers.update(replaced)
             message = f"{type(e).__name__}: {e}" if not isinstance(e, LbcError) else str(e)
             log.error("cannot serve table %s: %s", version[:12], message)
             self._report(attempted=version, error=message)
             return
         old, self.router = self.router, router
+        for server in replaced.values():
+            server.close()  # its connections go on; new ones reach the new socket
         if old is not None:
             self._retire(old, router)
         self.refresh_health(force=True)
@@ -183,7 +192,7 @@ class Worker:
                 self.retired[backend.key] = backend
         # Pools gone from the table: their waiters get a 503 from the sweep.
 
-    async def _open(self, key: BindKey) -> None:
+    async def _open(self, key: BindKey, listener) -> None:
         transport, host, port = key
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM)
@@ -199,11 +208,21 @@ class Worker:
                 self.servers[key] = protocol
             else:
                 sock.listen(BACKLOG)
-                self.servers[key] = await self.loop.create_server(lambda: self._accept(key), sock=sock,
-                                                                  backlog=BACKLOG)
+                context = None
+                if transport == "tls":
+                    spec = listener.spec.tls
+                    context = tls.entry_context(spec, self.state.secrets, lambda: self._certificates(key))
+                    self.tls_policy[key] = tls.policy(spec)
+                self.servers[key] = await self.loop.create_server(
+                    lambda: self._accept(key), sock=sock, backlog=BACKLOG, ssl=context,
+                    ssl_handshake_timeout=listener.header_s if context else None)
         except BaseException:
             sock.close()
             raise
+
+    def _certificates(self, key: BindKey):
+        listener = self.router.listeners.get(key) if self.router else None
+        return listener.certificates if listener is not None else None
 
     def _accept(self, key: BindKey):
         listener = self.router.listeners.get(key)
