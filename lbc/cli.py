@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shlex
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -20,6 +21,7 @@ from lbc import table as tablemod
 from lbc.config import load
 from lbc.errors import ConfigInvalid, LbcError
 from lbc.state import StateDir
+from lbc.watch import Watcher, observer
 
 app = typer.Typer(
     name="lbc",
@@ -204,16 +206,40 @@ def up(
     file: Annotated[Path | None, typer.Argument(help="Config to apply first; default: resume the live table.")] = None,
     state: StateOption = DEFAULT_STATE,
     foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached; Ctrl-C drains and stops.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Also run `lbc watch FILE` under supervisord.")] = False,
     lock_timeout: LockTimeout = 30.0,
 ) -> None:
     """Start supervisord and the proxy workers, and return once every worker serves the table."""
     with _reported():
+        if watch and file is None:
+            raise LbcError("--watch needs the config FILE to watch")
         store = StateDir(state)
-        result = service.up(store, file, foreground=foreground, argv=_argv(), lock_timeout=lock_timeout)
+        result = service.up(store, file, foreground=foreground, argv=_argv(), lock_timeout=lock_timeout,
+                            watch=file.resolve() if watch else None)
         typer.echo(result.render_text(), nl=False)
         if foreground:
             typer.echo("Running in the foreground; Ctrl-C drains and stops.")
             raise typer.Exit(service.wait_foreground(store, result))
+
+
+@app.command()
+def watch(
+    file: ConfigFile,
+    state: StateOption = DEFAULT_STATE,
+    debounce: Annotated[float, typer.Option("--debounce", help="Quiet seconds before a change is read (and between its two reads).")] = 0.3,
+    allow_destructive: Annotated[
+        bool, typer.Option("--allow-destructive", help="Also apply changes that remove a listener or most backends.")
+    ] = False,
+    lock_timeout: LockTimeout = 30.0,
+) -> None:
+    """Apply FILE whenever it changes (foreground): valid, settled changes only; the last good table keeps serving."""
+    with _reported():
+        watcher = Watcher(file, StateDir(state), debounce=debounce, allow_destructive=allow_destructive,
+                          argv=_argv(), lock_timeout=lock_timeout, say=lambda text: typer.echo(text, err=True))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: watcher.stop())
+        typer.echo(f"lbc watch: watching {file} (state {state})", err=True)
+        watcher.run(observer(watcher.notify))
 
 
 @app.command()

@@ -319,7 +319,7 @@ class UpResult:
 
 
 def up(state: StateDir, file: str | PathLike[str] | None, *, foreground: bool, argv: str, lock_timeout: float,
-       ack_timeout: float = 15.0) -> UpResult:
+       ack_timeout: float = 15.0, watch: Path | None = None) -> UpResult:
     """Start supervisord and the workers on FILE (applied first) or, without
     FILE, on the state's current table; return once every worker serves it."""
     node = Node(state)
@@ -345,7 +345,7 @@ def up(state: StateDir, file: str | PathLike[str] | None, *, foreground: bool, a
         apply(compiled, state, argv=argv, lock_timeout=lock_timeout)
     version, table = state.current_table()
     enable_listener_migration()
-    proc = node.start(table, foreground)
+    proc = node.start(table, foreground, watch=watch)
     acks = tuple(node.wait_for(version, ack_timeout))
     failed = [a for a in acks if not a.ok]
     if failed:
@@ -443,6 +443,7 @@ class NodeStatus:
     backends: tuple[BackendStatus, ...]
     checker_age_s: float | None  # since the health checker's last heartbeat; None: never seen
     checker_trusted: bool  # fresh enough (three intervals) for workers to use its verdicts
+    watch: dict | None  # what `lbc watch` last did (state, message, version, time), if it ran
 
     def render_text(self) -> str:
         out = [f"state:     {self.state}",
@@ -460,6 +461,10 @@ class NodeStatus:
                 checker = f"heartbeat {self.checker_age_s:.1f}s ago" + (
                     "" if self.checker_trusted else "; STALE: workers ignore its verdicts and use passive health only")
             out.append(f"\nhealth checker: {checker}")
+        if self.watch:
+            w = self.watch
+            out.append(f"watcher:   {w['state']} at {w['time']} ({w['file']}): {w['message'].splitlines()[0]}")
+            out += [f"           {line}" for line in w["message"].splitlines()[1:]]
         if self.backends:
             out += ["", f"{'POOL':<16} {'BACKEND':<16} {'ADDRESS':<24} {'HEALTH':<10} {'OK/FAIL':>7} {'CHECKED':>8} "
                         f"{'LATENCY':>8} {'ACTIVE':>6} {'REQUESTS':>10} {'FAILURES':>8}"]
@@ -529,7 +534,7 @@ def status(state: StateDir) -> NodeStatus:
         if memory is not None:
             memory.close()
     return NodeStatus(str(state.root), running, node.supervisord_pid(), live, tuple(processes), tuple(backends),
-                      checker_age, trusted)
+                      checker_age, trusted, state.watch_status())
 
 
 HEALTH_NAMES = {0: "unknown", 1: "healthy", 2: "unhealthy"}  # as lbc_workers.health.machine

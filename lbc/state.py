@@ -6,6 +6,7 @@ secrets, and the lock that serializes changes.
       secrets/<sha256>        bytes of files tables name by digest (mode 0600)
       current                 the live version, one line
       slots.json              backend identity -> shared-memory slot (see lbc.shm)
+      watch.json              what `lbc watch` last did (a status for lbc status)
       history.jsonl           one JSON record per install, appended
       lock                    flock()ed by the command changing state; holds its pid
 
@@ -128,6 +129,20 @@ class StateDir:
         if len(matches) > 1:
             raise UnknownVersion(f"{prefix!r} is ambiguous: {', '.join(m[:12] for m in matches)}")
         return matches[0]
+
+    def watch_status(self) -> dict | None:
+        """What `lbc watch` last did (see lbc.watch), if it ever ran here."""
+        try:
+            return json.loads((self.root / "watch.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_watch_status(self, record: dict) -> None:
+        """Replace watch.json (a status, not state: no fsync, no lock)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".watch.json.tmp.{os.getpid()}"
+        tmp.write_text(json.dumps(record, sort_keys=True))
+        os.replace(tmp, self.root / "watch.json")
 
     def has_secret(self, digest: str) -> bool:
         return (self.secrets / digest).is_file()

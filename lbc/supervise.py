@@ -88,6 +88,7 @@ class Node:
         self.conf = self.run / "supervisord.conf"
         self.pid_file = self.run / "supervisord.pid"
         self.shm_file = self.run / "shm"
+        self.watch_target = self.run / "watch.target"  # the file `lbc up --watch` watches
         sock = self.run / "sv.sock"
         if len(str(sock.resolve())) > MAX_SOCKET_PATH:
             digest = hashlib.sha256(str(state.root.resolve()).encode()).hexdigest()[:16]
@@ -154,7 +155,7 @@ class Node:
 
     # -- starting and stopping -------------------------------------------------
 
-    def render(self, workers: int, stopwaitsecs: int, foreground: bool) -> str:
+    def render(self, workers: int, stopwaitsecs: int, foreground: bool, watch: str | None = None) -> str:
         template = jinja2.Environment(autoescape=False, keep_trailing_newline=True).from_string(
             files("lbc.templates").joinpath("supervisord.conf.j2").read_text()
         )
@@ -169,17 +170,19 @@ class Node:
             stopwaitsecs=stopwaitsecs,
             minfds=minfds,
             foreground=foreground,
+            watch=watch,
         )
 
     def write_config(self, table: RoutingTable, foreground: bool) -> None:
         self.run.mkdir(parents=True, exist_ok=True)
         (self.run / "openssl.cnf").write_text(files("lbc.templates").joinpath("openssl.cnf.j2").read_text())
-        text = self.render(worker_count(table), stop_wait_seconds(table), foreground)
+        watch = self.watch_target.read_text().strip() if self.watch_target.exists() else None
+        text = self.render(worker_count(table), stop_wait_seconds(table), foreground, watch)
         tmp = self.conf.with_name(self.conf.name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, self.conf)
 
-    def start(self, table: RoutingTable, foreground: bool) -> subprocess.Popen | None:
+    def start(self, table: RoutingTable, foreground: bool, watch: Path | None = None) -> subprocess.Popen | None:
         """Start supervisord (and with it the workers). Daemonized, it forks
         and returns once the control socket answers; in the foreground the
         caller gets the child process to wait on."""
@@ -187,6 +190,10 @@ class Node:
         shmmod.create(self.shm_file)
         for stale in self.run.glob("worker-*.pid"):
             stale.unlink()
+        if watch is not None:
+            self.watch_target.write_text(f"{watch}\n")
+        else:
+            self.watch_target.unlink(missing_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         self.write_config(table, foreground)
