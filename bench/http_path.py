@@ -112,7 +112,7 @@ def build(headers: bytes) -> tuple[http.HttpClient, Worker, bytes]:
     tmp.write_text(CONFIG)
     table = compile_config(load(tmp))
     slots = {slot_key(p.name, b): i for i, (p, b) in enumerate((p, b) for p in table.pools for b in p.backends)}
-    router = Router.build("v1", table, slots, None)
+    router = Router.build("v1", table, slots, None, Path("/nonexistent"))
     worker = Worker(router)
     key = table.listeners[0].socket_key
     for backend in router.backends.values():
