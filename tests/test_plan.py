@@ -119,3 +119,56 @@ pools:
     result = lbc("apply", str(saved), "--state", str(state))
     assert result.returncode == 1 and "changed since the plan was made" in result.stderr
     assert StateDir(state).current_version() is None
+
+
+def test_plan_shows_a_renewed_certificate_and_warns_before_it_expires(tmp_path):
+    """Renewal: the plan names the old and the new certificate (subject, SAN
+    names, not-after); one that expires within 14 days is warned about, and
+    the plan still goes ahead (a warning, not an error)."""
+    import datetime
+    import re
+    import shutil
+
+    import trustme
+
+    ca = trustme.CA()
+    now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+    files = {}
+    for name, days in (("old", 80), ("soon", 5)):
+        cert = ca.issue_cert(f"{name}.example.test", "www.example.test", not_before=now - datetime.timedelta(days=1),
+                             not_after=now + datetime.timedelta(days=days))
+        cert.private_key_pem.write_to_path(tmp_path / f"{name}.key")
+        cert.cert_chain_pems[0].write_to_path(tmp_path / f"{name}.pem")
+        files[name] = (tmp_path / f"{name}.pem", tmp_path / f"{name}.key",
+                       (now + datetime.timedelta(days=days)).strftime("%Y-%m-%d"))
+    cfg = tmp_path / "tls.yaml"
+    cfg.write_text("""\
+version: 1
+listeners:
+  - name: web
+    bind: 127.0.0.1:8443
+    protocol: https
+    tls: {certificates: [{cert: c.pem, key: k.pem}]}
+    routes: [{pool: web}]
+pools:
+  - name: web
+    backends: [{id: w, address: 127.0.0.1, port: 9101}]
+""")
+    state = tmp_path / "state"
+    shutil.copy(files["old"][0], tmp_path / "c.pem")
+    shutil.copy(files["old"][1], tmp_path / "k.pem")
+    assert lbc("apply", str(cfg), "--state", str(state)).returncode == 0
+    shutil.copy(files["soon"][0], tmp_path / "c.pem")
+    shutil.copy(files["soon"][1], tmp_path / "k.pem")
+    result = lbc("plan", str(cfg), "--state", str(state))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Plan: 0 to add, 1 to change, 0 to remove." in out, out
+    old_line = next(line for line in out.splitlines() if "old.example.test" in line)
+    new_line = next(line for line in out.splitlines() if "soon.example.test" in line)
+    assert old_line.lstrip().startswith("-") or "->" in old_line, out
+    assert f"until {files['old'][2]}" in old_line and "www.example.test" in old_line
+    assert f"until {files['soon'][2]}" in new_line
+    assert re.search(r"tls\.yaml:6:\d+: .*cert: warning: certificate \S*c\.pem expires on " + files["soon"][2],
+                     result.stderr), result.stderr
+    assert "BEGIN" not in out + result.stderr  # never key or certificate material

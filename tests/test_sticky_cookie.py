@@ -4,7 +4,6 @@ not valid."""
 from __future__ import annotations
 
 import pytest
-
 from lbc_workers.sticky import CookieSigner, cookie_values, set_cookie, without_cookie
 
 

@@ -208,6 +208,9 @@ class _Checker:
                 self.error(base + ("hash_key",), f"hash_key {hash_key} needs HTTP, but an L4 listener uses this pool")
         self.check_health(base, pool.get("health_check"))
         self.check_outliers(base, pool.get("outlier_detection"))
+        if "tls" in pool and "tls_passthrough" in protocols:
+            self.error(base + ("tls",), "a tls_passthrough listener forwards its clients' TLS as it is: its pools "
+                       "cannot add TLS of their own", key=True)
         self.check_sticky(base, pool.get("sticky"), protocols)
         self.check_backends(base, pool)
 

@@ -21,12 +21,18 @@ ORIGIN = Path(__file__).resolve().parent / "origin.py"
 class Origin:
     """One origin server process (tests/support/origin.py)."""
 
-    def __init__(self, ident: str, *, http=(), tcp=(), udp=(), hang=(), log: Path | None = None,
+    def __init__(self, ident: str, *, http=(), tcp=(), udp=(), hang=(), https=(), tcps=(),
+                 cert: Path | None = None, key: Path | None = None, log: Path | None = None,
                  status: int = 0) -> None:
+        """`https`/`tcps` serve HTTP and the TCP echo over TLS with `cert`
+        (PEM chain) and `key`."""
         cmd = [sys.executable, str(ORIGIN), "--id", ident] + (["--status", str(status)] if status else [])
-        for flag, addrs in (("--http", http), ("--tcp", tcp), ("--udp", udp), ("--hang", hang)):
+        for flag, addrs in (("--http", http), ("--tcp", tcp), ("--udp", udp), ("--hang", hang), ("--https", https),
+                            ("--tcps", tcps)):
             for a in addrs:
                 cmd += [flag, a]
+        if cert is not None:
+            cmd += ["--cert", str(cert), "--key", str(key)]
         if log is not None:
             cmd += ["--log", str(log)]
         self.ident = ident

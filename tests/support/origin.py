@@ -1,10 +1,12 @@
 """A small origin server for tests: a real process on 127.0.0.0/8.
 
     python tests/support/origin.py --id web-1 --http 127.3.0.1:9101 [--tcp ADDR] [--udp ADDR]
+        [--https ADDR --cert FILE --key FILE] [--tcps ADDR --cert FILE --key FILE]
 
 HTTP paths (any method):
   /                 200, body "<id>\\n"
-  /echo             200, JSON: id, method, target, the raw request head, body length and sha256
+  /echo             200, JSON: id, method, target, the raw request head, body length and sha256,
+                    and "connection": this connection's number (1, 2, ... in the order accepted)
   /slow?s=S&n=N     waits S seconds, then 200 with N bytes ("x")
   /stream?n=N       200, chunked: N bytes of a repeating pattern, in 64 KiB chunks
   /mirror           streams the request body back as it arrives (chunked); like
@@ -17,6 +19,10 @@ HTTP paths (any method):
 Every request head as received is appended (raw) to --log, when given.
 TCP: echoes bytes; after the client's EOF it sends b"bye\\n" and closes.
 UDP: answers each datagram with b"<id>:" + datagram.
+--https ADDR: the same HTTP paths over TLS; --tcps ADDR: the TCP echo over TLS
+(TLS has no half-close here: the client's close_notify ends the connection).
+Both present --cert (PEM chain) with --key; /echo adds "tls": the protocol
+version and the SNI name the client sent.
 --hang ADDR: accepts connections and never answers.
 """
 
@@ -27,6 +33,7 @@ import asyncio
 import hashlib
 import json
 import signal
+import ssl
 import sys
 from urllib.parse import parse_qs, urlsplit
 
@@ -35,6 +42,7 @@ import httptools
 PATTERN = bytes(range(256)) * 256  # 64 KiB
 FLAP = [0]
 STATUS = [0]
+CONNECTIONS = [0]  # accepted so far (HTTP and HTTPS)
 
 
 class HttpOrigin(asyncio.Protocol):
@@ -52,9 +60,12 @@ class HttpOrigin(asyncio.Protocol):
         self.tunnel = False
         self.busy: asyncio.Task | None = None
         self.queue: list = []
+        self.number = 0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        CONNECTIONS[0] += 1
+        self.number = CONNECTIONS[0]
 
     # Flow control: while the client does not read what this origin writes
     # (/mirror, tunnels), stop reading from it, as a real server would.
@@ -136,8 +147,12 @@ class HttpOrigin(asyncio.Protocol):
         conn = b"" if keep_alive else b"Connection: close\r\n"
         path = url.path
         if path == "/echo":
-            body = json.dumps({"id": self.ident, "method": method, "target": target, "headers": headers,
-                               "body_len": body_len, "body_sha256": body_sha}).encode()
+            echo = {"id": self.ident, "method": method, "target": target, "headers": headers,
+                    "body_len": body_len, "body_sha256": body_sha, "connection": self.number}
+            sslobj = self.transport.get_extra_info("ssl_object")
+            if sslobj is not None:
+                echo["tls"] = {"version": sslobj.version(), "server_name": getattr(sslobj, "sni_name", None)}
+            body = json.dumps(echo).encode()
             self._send(200, body, conn + b"Content-Type: application/json\r\n")
         elif path == "/slow":
             await asyncio.sleep(float(query.get("s", "1")))
@@ -216,17 +231,38 @@ def _addr(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _server_context(cert: str | None, key: str | None) -> ssl.SSLContext:
+    if not cert or not key:
+        raise SystemExit("--https and --tcps need --cert and --key")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+
+    def remember_name(sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        sslobj.sni_name = name  # for /echo
+
+    ctx.sni_callback = remember_name
+    return ctx
+
+
 async def main(args) -> None:
     STATUS[0] = args.status
     loop = asyncio.get_running_loop()
     log = open(args.log, "a") if args.log else None
+    tls = _server_context(args.cert, args.key) if args.https or args.tcps else None
     servers = []
     for spec in args.http:
         host, port = _addr(spec)
         servers.append(await loop.create_server(lambda: HttpOrigin(args.id, log), host, port, reuse_address=True))
+    for spec in args.https:
+        host, port = _addr(spec)
+        servers.append(await loop.create_server(lambda: HttpOrigin(args.id, log), host, port, reuse_address=True,
+                                                ssl=tls))
     for spec in args.tcp:
         host, port = _addr(spec)
         servers.append(await loop.create_server(TcpEcho, host, port, reuse_address=True))
+    for spec in args.tcps:
+        host, port = _addr(spec)
+        servers.append(await loop.create_server(TcpEcho, host, port, reuse_address=True, ssl=tls))
     for spec in args.hang:
         host, port = _addr(spec)
         servers.append(await loop.create_server(Hang, host, port, reuse_address=True))
@@ -246,6 +282,10 @@ if __name__ == "__main__":
     parser.add_argument("--tcp", action="append", default=[])
     parser.add_argument("--udp", action="append", default=[])
     parser.add_argument("--hang", action="append", default=[])
+    parser.add_argument("--https", action="append", default=[], help="the HTTP paths over TLS")
+    parser.add_argument("--tcps", action="append", default=[], help="the TCP echo over TLS")
+    parser.add_argument("--cert", help="PEM certificate chain for --https and --tcps")
+    parser.add_argument("--key", help="PEM private key for --https and --tcps")
     parser.add_argument("--status", type=int, default=0, help="answer every HTTP request with this status")
     parser.add_argument("--log")
     try:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from lbc_workers.health.machine import NAMES, UNKNOWN, Health, Thresholds, observe
 from lbc_workers.health.probes import Prober
+from lbc_workers.proxy.tls import client_context
 
 from lbc import shm as shmmod
 from lbc.config.addresses import address_kind
@@ -97,7 +98,8 @@ class Checker:
                 self._forget(self.targets.pop(key))
             for key, (pool, backend) in wanted.items():
                 target = self.targets.get(key)
-                if target is not None and target.pool.health_check == pool.health_check and target.backend == backend:
+                if (target is not None and target.pool.health_check == pool.health_check and target.backend == backend
+                        and target.pool.tls == pool.tls):
                     target.pool = pool
                     continue
                 if target is not None:  # how to probe it changed: same state, new probe settings
@@ -117,11 +119,12 @@ class Checker:
             return Health()
         return Health(info.state, info.successes, info.failures)
 
-    @staticmethod
-    def _prober(pool: Pool, backend: Backend) -> Prober | None:
+    def _prober(self, pool: Pool, backend: Backend) -> Prober | None:
         if pool.health_check is None:
             return None
-        return Prober(pool.health_check, backend.address, backend.port, backend.id, backend.health_check_path)
+        tls = client_context(pool.tls, self.state.secrets) if pool.tls else None  # as the workers connect
+        return Prober(pool.health_check, backend.address, backend.port, backend.id, backend.health_check_path,
+                      tls, pool.tls.sni or backend.address if pool.tls else None)
 
     def _forget(self, target: Target) -> None:
         if target.task is not None:

@@ -8,6 +8,10 @@
   LBC_BACKEND_ID in its environment; exit 0 is healthy; it is killed when the
   timeout passes.
 
+For a pool that speaks TLS to its backends (its `tls`), tcp and http probes
+do too, with the workers' client context and server name, so a backend whose
+certificate does not verify fails its checks as it fails requests.
+
 A probe returns (passed, latency in ms, error text); it never raises.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import ssl
 import time
 
 import httptools
@@ -80,12 +85,15 @@ class _HttpProbe(asyncio.Protocol):
 class Prober:
     """Runs the probes of one backend; keeps its http connection between them."""
 
-    def __init__(self, check: HealthCheck, address: str, port: int, backend_id: str, path: str | None) -> None:
+    def __init__(self, check: HealthCheck, address: str, port: int, backend_id: str, path: str | None,
+                 tls: ssl.SSLContext | None = None, server_name: str | None = None) -> None:
         self.check = check
         self.address = address
         self.port = port
         self.backend_id = backend_id
         self.path = path or check.path
+        self.tls = tls
+        self.server_name = server_name if tls else None
         self._conn: _HttpProbe | None = None
 
     def close(self) -> None:
@@ -110,6 +118,9 @@ class Prober:
         except TimeoutError:
             self.close()
             ok, why = False, f"timed out after {timeout:g}s"
+        except ssl.SSLError as e:  # before OSError, its base
+            self.close()
+            ok, why = False, f"TLS: {getattr(e, 'verify_message', None) or e.reason or e}"
         except OSError as e:
             self.close()
             ok, why = False, e.strerror or str(e)
@@ -119,7 +130,8 @@ class Prober:
         return ok, (time.monotonic() - start) * 1000, why
 
     async def _tcp(self) -> tuple[bool, str]:
-        _, writer = await asyncio.open_connection(self.address, self.port)
+        _, writer = await asyncio.open_connection(self.address, self.port, ssl=self.tls,
+                                                  server_hostname=self.server_name)
         writer.close()
         return True, ""
 
@@ -128,7 +140,8 @@ class Prober:
         conn = self._conn
         if conn is None or conn.closed:
             loop = asyncio.get_running_loop()
-            _, conn = await loop.create_connection(_HttpProbe, self.address, self.port)
+            _, conn = await loop.create_connection(_HttpProbe, self.address, self.port, ssl=self.tls,
+                                                   server_hostname=self.server_name)
             self._conn = conn
         host = check.host or (f"[{self.address}]" if ":" in self.address else self.address)
         request = (f"{check.method} {self.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lbc-health\r\n"

@@ -101,13 +101,17 @@ class _ChunkedEnd:
 
 class Upstream(asyncio.Protocol):
     """A connection to a backend. Between requests it sits in the backend's
-    idle list; while a request uses it, `owner` is that client."""
+    idle list; while a request uses it, `owner` is that client. It keeps the
+    pool's TLS settings it was opened with (`ssl`, `sni`): after a reload
+    that changes them it is not reused."""
 
-    __slots__ = ("worker", "backend", "transport", "owner", "closed", "idle_since", "read_paused")
+    __slots__ = ("worker", "backend", "ssl", "sni", "transport", "owner", "closed", "idle_since", "read_paused")
 
-    def __init__(self, worker: Worker, backend: BackendRuntime) -> None:
+    def __init__(self, worker: Worker, backend: BackendRuntime, pool: PoolRuntime) -> None:
         self.worker = worker
         self.backend = backend
+        self.ssl = pool.ssl  # contexts are cached by settings: the same object while they stay
+        self.sni = pool.sni
         self.transport: asyncio.Transport | None = None
         self.owner = None
         self.closed = False
@@ -500,17 +504,20 @@ class HttpClient(asyncio.Protocol):
         while idle:
             up = idle.pop()
             if not up.closed:
-                self._attach(up, reused=True)
-                return
+                if up.ssl is pool.ssl and up.sni == pool.sni:
+                    self._attach(up, reused=True)
+                    return
+                up.transport.close()  # opened with TLS settings a reload changed
         self.worker.loop.create_task(self._connect(backend))
 
     async def _connect(self, backend: BackendRuntime) -> None:
         worker = self.worker
+        pool = self.pool
         try:
             _, up = await asyncio.wait_for(
-                worker.loop.create_connection(lambda: Upstream(worker, backend), backend.connect_address, backend.port,
-                                              ssl=self.pool.ssl, server_hostname=(self.pool.sni or backend.connect_address)
-                                              if self.pool.ssl else None),
+                worker.loop.create_connection(lambda: Upstream(worker, backend, pool), backend.connect_address, backend.port,
+                                              ssl=pool.ssl, server_hostname=(pool.sni or backend.address)
+                                              if pool.ssl else None),
                 self.listener.connect_s,
             )
         except (TimeoutError, OSError, ssl.SSLError) as e:

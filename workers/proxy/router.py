@@ -27,7 +27,6 @@ from lbc import table as tablemod
 from lbc.config.addresses import address_kind
 from lbc.state import slot_key
 
-UNSERVED = frozenset({"tls_passthrough"})  # validated and compiled, not yet proxied
 BindKey = tuple[str, str, int]  # transport ("tcp" or "udp"), host, port: Listener.socket_key
 
 class BackendRuntime:
@@ -203,11 +202,14 @@ class CompiledRoute:
                 return False
         return True
 
-    def matches_sni(self, name: bytes) -> bool:
+    def matches_sni(self, name: bytes | None) -> bool:
+        """tls_passthrough routes match on host alone (validation allows
+        nothing else); a ClientHello without a name matches only a route
+        without a match."""
         if self.host is not None:
             return name == self.host
         if self.suffix is not None:
-            return name.endswith(self.suffix) and len(name) > len(self.suffix)
+            return name is not None and name.endswith(self.suffix) and len(name) > len(self.suffix)
         return True
 
 
@@ -259,6 +261,15 @@ class ListenerRuntime:
                 return r.pool
         return None
 
+    def route_sni(self, name: bytes | None) -> PoolRuntime | None:
+        """tls_passthrough: the pool for a ClientHello's server name: the
+        first route whose host matches, else the listener's pool (None: no
+        pool takes it, and the connection closes)."""
+        for r in self.routes:
+            if r.matches_sni(name):
+                return r.pool
+        return self.pool
+
 
 class Router:
     def __init__(self, version: str, table: tablemod.RoutingTable, listeners: dict[BindKey, ListenerRuntime],
@@ -295,11 +306,6 @@ class Router:
             else:
                 balancer = balance.make(p.algorithm, rng)
             pools[p.name] = PoolRuntime(p, tuple(runtimes), balancer, secrets)
-        for x in table.listeners:
-            if x.protocol in UNSERVED:
-                # Refuse rather than serve plaintext on a TLS port: apply then
-                # fails and puts the previous table back.
-                raise tablemod.TableError(f"listener {x.name}: {x.protocol} is not served by this version of lbc")
         listeners = {x.socket_key: ListenerRuntime(x, pools, secrets) for x in table.listeners}
         return cls(version, table, listeners, pools, backends)
 

@@ -1,11 +1,14 @@
 """TCP proxying: bytes both ways with backpressure and half-close.
 
 A connection picks its backend when it is accepted (hashing on the client
-address for hashing pools) and keeps the Router it started with until it
+address for hashing pools; a tls_passthrough one once its ClientHello is
+read, see passthrough.py) and keeps the Router it started with until it
 closes. While the backend connection opens, the client is not read. Either
 side's EOF is passed on as a write EOF to the other, and the pair closes
 once both directions have ended, so a client that shuts down writing still
-receives everything the backend sends after that.
+receives everything the backend sends after that. TLS to a backend (a
+pool's `tls`) has no half-close in asyncio: there the client's EOF is not
+passed on, and the pair ends when the backend closes or idles out.
 
 Backpressure: a side whose write buffer is full stops reading the other
 side, so a peer that does not read holds nothing but the transports'
@@ -27,7 +30,7 @@ import ssl
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lbc_workers.proxy.router import BackendRuntime
+    from lbc_workers.proxy.router import BackendRuntime, ListenerRuntime, PoolRuntime
     from lbc_workers.proxy.worker import Worker
 
 
@@ -47,7 +50,8 @@ class TcpUpstream(asyncio.Protocol):
         self.client.from_backend(data)
 
     def eof_received(self) -> bool:
-        return self.client.backend_eof()
+        # A TLS transport closes after the backend's close_notify whatever this returns.
+        return self.client.backend_eof() and self.transport.can_write_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -81,15 +85,22 @@ class TcpClient(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        worker = self.worker
-        worker.clients.add(self)
-        worker.connections_opened += 1
-        listener = worker.router.listeners.get(self.key)
+        self.worker.clients.add(self)
+        self.worker.connections_opened += 1
+        listener = self.worker.router.listeners.get(self.key)
         if listener is None or listener.pool is None:
             transport.close()
             return
+        self.open(listener, listener.pool)
+
+    def open(self, listener: ListenerRuntime, pool: PoolRuntime, first: bytes = b"") -> None:
+        """Pick a backend of `pool` and connect to it, not reading the client
+        meanwhile; `first` (bytes already read from the client) goes ahead
+        of everything else."""
+        worker = self.worker
+        transport = self.transport
         self.idle_s = listener.idle_s
-        self.pool = pool = listener.pool
+        self.pool = pool
         peer = transport.get_extra_info("peername")
         key = peer[0].encode() if peer and pool.hash_key else None
         backend = pool.pick(key)
@@ -100,6 +111,9 @@ class TcpClient(asyncio.Protocol):
         backend.active += 1
         backend.requests += 1
         worker.dirty.add(backend)
+        if first:
+            self.pending.append(first)
+            backend.bytes_in += len(first)
         transport.pause_reading()
         self.deadline = worker.now + listener.connect_s
         worker.loop.create_task(self._connect(backend, listener.connect_s))
@@ -109,7 +123,7 @@ class TcpClient(asyncio.Protocol):
             _, up = await asyncio.wait_for(
                 self.worker.loop.create_connection(
                     lambda: TcpUpstream(self, backend), backend.connect_address, backend.port, ssl=self.pool.ssl,
-                    server_hostname=(self.pool.sni or backend.connect_address) if self.pool.ssl else None),
+                    server_hostname=(self.pool.sni or backend.address) if self.pool.ssl else None),
                 timeout,
             )
         except (TimeoutError, OSError, ssl.SSLError):
@@ -125,7 +139,7 @@ class TcpClient(asyncio.Protocol):
         for piece in self.pending:
             up.transport.write(piece)
         self.pending = []
-        if self.eofs & 1:
+        if self.eofs & 1 and up.transport.can_write_eof():
             up.transport.write_eof()
         self.deadline = self.worker.now + self.idle_s
         self.transport.resume_reading()
@@ -147,7 +161,8 @@ class TcpClient(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eofs |= 1
-        if self.up is not None and not self.up.closed:
+        # (not over TLS to the backend: no half-close; see the top)
+        if self.up is not None and not self.up.closed and self.up.transport.can_write_eof():
             self.up.transport.write_eof()
         return self._keep_open()
 

@@ -3,18 +3,19 @@ TLS to their backends (re-encryption).
 
 Termination. Each https socket gets one *entry* context when it opens: it
 carries what OpenSSL takes from the context a connection starts with (the
-protocol floor, the TLS 1.2 ciphers, client certificate verification, the
-session cache and ticket keys) and a server-name callback. The callback picks
-the certificate from the live Router at handshake time: the context of the
-certificate whose SAN names match the SNI name (exact, or `*.suffix` for one
-more label), else the first certificate, or a refused handshake with
-`strict_sni`. So a renewed certificate is used by the next handshake after a
+protocol floor, the options, the session cache and ticket keys) and a
+server-name callback. The callback picks the certificate from the live Router
+at handshake time: the context of the certificate whose SAN names match the
+SNI name (exact, or `*.suffix` for one more label), else the first
+certificate, or a refused handshake with `strict_sni`. OpenSSL takes the rest
+from the context switched to (the TLS 1.2 ciphers, ALPN, client certificate
+verification), so each certificate context carries the listener's policy too. So a renewed certificate is used by the next handshake after a
 reload while the socket, and the session cache with it, stays: sessions
 resume across reloads. A change of the policy itself (floor, ciphers, client
 CA) opens a new socket beside the old one (see worker.py).
 
-Certificate contexts are cached by the digests of their files: unchanged
-certificates keep their context across reloads.
+Certificate contexts are cached by the digests of their files and the
+policy: unchanged certificates keep their context across reloads.
 
 Defaults are Mozilla's "intermediate": TLS 1.2 and 1.3, AEAD ciphers only
 with ECDHE, no compression, no client-initiated renegotiation, ALPN
@@ -33,7 +34,7 @@ from pathlib import Path
 from lbc.table import ListenerTLS, UpstreamTLS
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-_cert_contexts: dict[tuple[str, str, str | None, str], ssl.SSLContext] = {}
+_cert_contexts: dict[tuple, ssl.SSLContext] = {}  # (cert, key digests, *policy) -> context
 
 
 def _base(ctx: ssl.SSLContext, min_version: str, ciphers: str) -> None:
@@ -49,13 +50,15 @@ def policy(tls: ListenerTLS) -> tuple:
 
 
 def certificate_context(cert_sha: str, key_sha: str, secrets: Path, tls: ListenerTLS) -> ssl.SSLContext:
-    """The context of one certificate. With mTLS it carries the client CA
-    too: OpenSSL verifies client certificates against the store of the
-    context the server-name callback switched to, not the entry one."""
-    key = (cert_sha, key_sha, tls.client_ca_sha256, tls.client_verify)
+    """The context of one certificate, with the listener's policy: OpenSSL
+    picks the TLS 1.2 cipher and the ALPN protocol with the context the
+    server-name callback switched to, and verifies client certificates (mTLS)
+    against its store, not the entry one's."""
+    key = (cert_sha, key_sha, *policy(tls))
     ctx = _cert_contexts.get(key)
     if ctx is None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        _base(ctx, tls.min_version, tls.ciphers)
         ctx.load_cert_chain(secrets / cert_sha, secrets / key_sha)
         _verify_clients(ctx, tls, secrets)
         _cert_contexts[key] = ctx

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from lbc_workers.proxy import tls
 from lbc_workers.proxy.http import HttpClient
+from lbc_workers.proxy.passthrough import PassthroughClient
 from lbc_workers.proxy.router import BackendRuntime, BindKey, PoolRuntime, Router
 from lbc_workers.proxy.tcp import TcpClient
 from lbc_workers.proxy.udp import UdpListener
@@ -228,6 +229,8 @@ class Worker:
         listener = self.router.listeners.get(key)
         if listener is not None and listener.protocol in ("http", "https"):
             return HttpClient(self, key)
+        if listener is not None and listener.protocol == "tls_passthrough":
+            return PassthroughClient(self, key)
         return TcpClient(self, key)
 
     def _close_listener(self, key: BindKey) -> None:
