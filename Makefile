@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_STATE ?= .lbc-demo
 
-.PHONY: setup run test bench bench-config bench-data docs lint clean
+.PHONY: setup sysdeps run test bench bench-config bench-data docs lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +16,20 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Debian packages the tests need: redis-server (the sticky store tests run a
+# real one). Installed with apt-get when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+sysdeps:
+	@command -v redis-server >/dev/null || { echo "installing redis-server with apt-get"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+
 # The main job: the example backends and lbc in front of them on
 # examples/pool.yaml, in the foreground; Ctrl-C drains and stops everything.
 run: setup
 	$(BIN)/python examples/demo.py --state $(DEMO_STATE)
 
-test: setup
+test: setup sysdeps
 	$(BIN)/python -m pytest
 
 # Both benchmarks: the control plane's (validate + compile + plan of a big

@@ -11,6 +11,12 @@ uses these same functions to measure how many keys a change moves, so what
   keys move when the list changes.
 - consistent_hash: a weighted Maglev lookup table (Eisenbud et al., NSDI '16):
   removing one of N backends moves about 1/N of the keys.
+- sticky affinity (source_ip, header): a weighted hash ring (Karger et al.,
+  as ketama): each backend owns RING_POINTS points per unit of weight, a key
+  goes to the owner of the first point at or after its hash. Removing a
+  backend moves exactly the keys it had, adding one moves only keys to it:
+  a session stays where it is unless its own backend goes. (Maglev evens the
+  spread better but also moves a few percent of other keys.)
 """
 
 from __future__ import annotations
@@ -93,3 +99,25 @@ def pick_indexes(table: Sequence[int], key_hashes: Iterable[int]) -> list[int]:
     its key sample once and looks it up in many tables."""
     size = len(table)
     return [table[h % size] for h in key_hashes]
+
+
+RING_POINTS = 100  # per unit of weight: about +-10% spread between equal backends
+
+
+def ring(ids: Sequence[str], weights: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A weighted hash ring: sorted point hashes and, for each, the index of
+    the backend that owns it."""
+    points = sorted(
+        (hash64(b"%s#%d" % (ident.encode(), n), b"ring"), i)
+        for i, (ident, weight) in enumerate(zip(ids, weights, strict=True))
+        for n in range(RING_POINTS * weight)
+    )
+    return tuple(h for h, _ in points), tuple(i for _, i in points)
+
+
+def ring_start(hashes: Sequence[int], key: bytes) -> int:
+    """The position of the first ring point at or after the key's hash;
+    callers walk on from there (modulo the ring size) past full backends."""
+    if not hashes:
+        return 0
+    return bisect_left(hashes, hash64(key)) % len(hashes)

@@ -7,6 +7,7 @@ secrets, and the lock that serializes changes.
       current                 the live version, one line
       slots.json              backend identity -> shared-memory slot (see lbc.shm)
       watch.json              what `lbc watch` last did (a status for lbc status)
+      node-secret             this node's stickiness cookie secret, made at first use (mode 0600)
       history.jsonl           one JSON record per install, appended
       lock                    flock()ed by the command changing state; holds its pid
 
@@ -85,6 +86,7 @@ class StateDir:
         self.lock_file = self.root / "lock"
         self.slots_file = self.root / "slots.json"
         self.run = self.root / "run"  # runtime files of a running node (lbc up)
+        self.node_secret_file = self.root / "node-secret"
 
     # -- reading ------------------------------------------------------------
 
@@ -129,6 +131,35 @@ class StateDir:
         if len(matches) > 1:
             raise UnknownVersion(f"{prefix!r} is ambiguous: {', '.join(m[:12] for m in matches)}")
         return matches[0]
+
+    def node_secret(self) -> bytes:
+        """This node's own secret (stickiness cookies without a secret_file):
+        made by the first process that asks, mode 0600, then read by all.
+        Written beside and hard-linked into place, so two workers starting at
+        once agree on one secret and nobody reads half of it."""
+        try:
+            return self.node_secret_file.read_bytes().strip()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StateError(f"cannot read {self.node_secret_file}: {_reason(e)}") from None
+        tmp = self.root / f".node-secret.tmp.{os.getpid()}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _write_all(fd, os.urandom(32).hex().encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileExistsError):  # another process was first: theirs wins
+                os.link(tmp, self.node_secret_file)
+            _fsync_dir(self.root)
+            return self.node_secret_file.read_bytes().strip()
+        except OSError as e:
+            raise StateError(f"cannot write {self.node_secret_file}: {_reason(e)}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def watch_status(self) -> dict | None:
         """What `lbc watch` last did (see lbc.watch), if it ever ran here."""

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,43 @@ def origins():
     finally:
         for o in started:
             o.stop()
+
+
+class RedisServer:
+    """A real redis-server on 127.0.0.0/8, stopped by PID."""
+
+    def __init__(self, host: str, port: int) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server is not installed (`make test` installs Debian's redis-server)")
+        self.host, self.port = host, port
+        self.url = f"redis://{host}:{port}/0"
+        self.proc = subprocess.Popen([exe, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no",
+                                      "--protected-mode", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        self.client = redis.Redis(host=host, port=port, socket_timeout=2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.kill()
+                    pytest.fail("redis-server did not start")
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_server(ip):
+    server = RedisServer(ip, 6390)
+    try:
+        yield server
+    finally:
+        server.kill()

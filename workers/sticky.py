@@ -1,5 +1,21 @@
-"""Session persistence, the pure parts: signed stickiness cookies, and the
-Cookie header surgery around them.
+"""Session persistence, the pure parts: signed stickiness cookies, the
+Cookie header surgery around them, and the affinity of a pool (which backend
+a request's cookie or key names). The Redis store is an adapter beside this
+(workers/proxy/store.py); the proxy modules call both.
+
+Rules, per pool `sticky` mode:
+- cookie: a request whose cookie verifies and names a backend that takes
+  traffic (enabled, healthy, not ejected, under its connection limit) goes
+  there; any other is balanced by the pool's algorithm and answered with a
+  new cookie. The cookie is removed from the request before the backend
+  sees it. A valid cookie is not re-sent: it expires `ttl` after it was set.
+- source_ip, header: the key (the client address, or the header's value;
+  a request without the header is balanced as usual) goes to the owner on a
+  weighted hash ring of the backends that take traffic (lbc.hashing.ring):
+  every worker and node agrees, and removing a backend moves only its keys.
+  With a store the first mapping is remembered for `ttl` (refreshed on use)
+  and wins while its backend takes traffic, so it survives changes to the
+  backend set too.
 
 A cookie value names the backend and when the cookie expires, and is signed:
 
@@ -17,6 +33,11 @@ import base64
 import binascii
 import hashlib
 import hmac
+from collections.abc import Sequence
+from typing import Protocol
+
+from lbc import hashing
+from lbc import table as tablemod
 
 MAC_BYTES = 16
 
@@ -87,3 +108,108 @@ def set_cookie(name: str, value: bytes, max_age_s: int, secure: bool) -> bytes:
     """The Set-Cookie header line for a stickiness cookie."""
     line = b"Set-Cookie: " + name.encode() + b"=" + value + b"; Max-Age=%d; Path=/; HttpOnly; SameSite=Lax" % max_age_s
     return line + (b"; Secure" if secure else b"") + b"\r\n"
+
+
+def strip_cookie(head: bytes, name: bytes) -> bytes:
+    """A request head without cookie `name` in its Cookie lines (a line
+    left empty goes)."""
+    low = head.lower()
+    out = []
+    pos = 0
+    i = low.find(b"\r\ncookie:")
+    while i >= 0:
+        end = head.find(b"\r\n", i + 2)
+        kept = without_cookie(head[i + 9 : end], name)
+        out.append(head[pos:i])
+        if kept:
+            out.append(b"\r\nCookie: " + kept)
+        pos = end
+        i = low.find(b"\r\ncookie:", end)
+    out.append(head[pos:])
+    return b"".join(out)
+
+
+class Member(Protocol):
+    id: str
+    weight: int
+    active: int
+    limit: int
+
+
+class Affinity:
+    """One pool's stickiness, rebuilt with the table (the ring only when the
+    backends that take traffic change)."""
+
+    __slots__ = ("pool", "mode", "cookie", "header", "ttl_s", "store", "signer", "store_prefix",
+                 "_for", "_shape", "_by_id", "_ring", "_owners")
+
+    def __init__(self, pool: str, spec: tablemod.Sticky, secrets: Sequence[bytes]) -> None:
+        self.pool = pool
+        self.mode = spec.mode
+        self.cookie = spec.cookie_name.encode() if spec.cookie_name else None
+        self.header = spec.header.encode() if spec.header else None
+        self.ttl_s = max(1, spec.ttl_ms // 1000)
+        self.store = spec.store if spec.store != "none" else None
+        self.signer = CookieSigner(list(secrets), pool) if self.cookie else None
+        self.store_prefix = b"lbc:sticky:" + pool.encode() + b":"
+        self._for: Sequence[Member] | None = None
+        self._shape: tuple = ()
+        self._by_id: dict[str, Member] = {}
+        self._ring: tuple[int, ...] = ()
+        self._owners: tuple[int, ...] = ()
+
+    def _index(self, members: Sequence[Member]) -> None:
+        if members is not self._for:
+            self._for = members
+            self._by_id = {m.id: m for m in members}
+            shape = tuple((m.id, m.weight) for m in members)
+            if self.cookie is None and shape != self._shape:  # health refreshes rebuild the tuple, not the set
+                self._ring, self._owners = hashing.ring([m.id for m in members], [m.weight for m in members])
+            self._shape = shape
+
+    def member(self, members: Sequence[Member], backend_id: str) -> Member | None:
+        """The member with this id, if it takes traffic."""
+        self._index(members)
+        return self._by_id.get(backend_id)
+
+    def usable(self, members: Sequence[Member], backend_id: str) -> Member | None:
+        """The member with this id if it takes traffic and has room."""
+        m = self.member(members, backend_id)
+        if m is None or (m.limit and m.active >= m.limit):
+            return None
+        return m
+
+    # -- cookie mode -----------------------------------------------------------
+
+    def from_cookie(self, cookie_header: bytes | None, members: Sequence[Member], now: float) -> Member | None:
+        """The backend a valid cookie names, if it takes traffic."""
+        if not cookie_header:
+            return None
+        for value in cookie_values(cookie_header, self.cookie):
+            backend_id = self.signer.verify(value, now)
+            if backend_id is not None:
+                return self.usable(members, backend_id)
+        return None
+
+    def set_cookie(self, backend_id: str, now: float, secure: bool) -> bytes:
+        value = self.signer.sign(backend_id, int(now) + self.ttl_s)
+        return set_cookie(self.cookie.decode(), value, self.ttl_s, secure)
+
+    # -- key modes -------------------------------------------------------------
+
+    def hashed(self, members: Sequence[Member], key: bytes) -> Member | None:
+        """The ring's owner of `key` among `members`, walking on past full ones."""
+        self._index(members)
+        owners = self._owners
+        if not owners:
+            return None
+        n = len(owners)
+        i = hashing.ring_start(self._ring, key)
+        for step in range(n):
+            m = members[owners[(i + step) % n]]
+            if not m.limit or m.active < m.limit:
+                return m
+        return None
+
+    def store_key(self, key: bytes) -> bytes:
+        return self.store_prefix + key

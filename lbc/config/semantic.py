@@ -264,6 +264,8 @@ class _Checker:
         if ttl is not None and not MIN_TTL_MS <= ttl <= MAX_TTL_MS:
             self.error(path + ("ttl",), f"must be between 1s and 30d (got {sticky['ttl']})")
         store = sticky.get("store")
+        if isinstance(store, str) and store.startswith("redis://") and "udp" in protocols:
+            self.warn(path + ("store",), "udp sessions are placed by the hash ring alone: the store is used by http, https and tcp listeners")
         if mode == "cookie" and isinstance(store, str) and store.startswith("redis://") and "secret_file" not in sticky:
             self.warn(path + ("store",), "with a shared store several nodes serve this pool: give them one secret_file, or each node signs cookies with its own secret")
 

@@ -57,6 +57,7 @@ class LbcNode:
     """An lbc state directory and the processes `lbc up` starts for it."""
 
     def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
         self.dir = directory
         self.state = directory / "state"
         self.config = directory / "pool.yaml"

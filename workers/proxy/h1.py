@@ -470,7 +470,7 @@ def parse_response_head(raw: bytes, method: bytes, upgrade_requested: bool, rule
     return Response(status, framing, length, keep_alive, upgrade, raw, found, listed, connection)
 
 
-def lower_response(resp: Response, rules: ResponseRules, connection: bytes | None) -> bytes:
+def lower_response(resp: Response, rules: ResponseRules, connection: bytes | None, extra: bytes = b"") -> bytes:
     """The head to send to the client: hop-by-hop headers removed (but the
     upgrade pair of a 101), the listener's response headers set, and a
     Connection header when the client needs one (`close` when the connection
@@ -482,10 +482,12 @@ def lower_response(resp: Response, rules: ResponseRules, connection: bytes | Non
     When lbc keeps the client connection open (`connection` None) and the
     backend's only hop-by-hop header is one `Connection: keep-alive`, the head
     goes out as it came: that line is then exactly lbc's own control option,
-    which RFC 9110 7.6.1 lets an intermediary send in its place."""
+    which RFC 9110 7.6.1 lets an intermediary send in its place.
+
+    `extra`: lines this response alone gets (a stickiness Set-Cookie)."""
     raw, found = resp.raw, resp.found
     drop = rules.drop
-    if connection is None and not rules.add and not resp.upgrade and not resp.listed:
+    if connection is None and not rules.add and not resp.upgrade and not resp.listed and not extra:
         hop = [name for name in found if name in drop]
         if not hop or (hop == [b"connection"] and resp.connection == b"keep-alive"
                        and len(found[b"connection"]) == 1 and raw[7:8] == b"1"):
@@ -498,7 +500,7 @@ def lower_response(resp: Response, rules: ResponseRules, connection: bytes | Non
     for name in resp.listed:
         if name not in found:
             spans += _lines_with(raw.lower(), name)  # names only Connection listed
-    if not spans and not rules.add and connection is None:
+    if not spans and not rules.add and connection is None and not extra:
         return raw
     parts = []
     pos = 0
@@ -510,6 +512,7 @@ def lower_response(resp: Response, rules: ResponseRules, connection: bytes | Non
     if connection is not None:
         parts.append(b"Connection: " + connection + b"\r\n")
     parts.append(rules.add)
+    parts.append(extra)
     parts.append(b"\r\n")
     return b"".join(parts)
 

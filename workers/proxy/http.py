@@ -51,15 +51,19 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from typing import TYPE_CHECKING
 
 import httptools
 from lbc_workers.proxy import h1, tls
 from lbc_workers.proxy.chunked import ChunkedDecoder, ChunkError
+from lbc_workers.proxy.store import pick_remembered
+from lbc_workers.sticky import strip_cookie
 
 if TYPE_CHECKING:
     from lbc_workers.proxy.router import BackendRuntime, ListenerRuntime, PoolRuntime
     from lbc_workers.proxy.worker import Worker
+    from lbc_workers.sticky import Affinity
 
 HEAD, CONNECTING, FORWARDING, TUNNEL, CLOSED = range(5)
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
@@ -68,6 +72,7 @@ MAX_RESPONSE_HEAD = 64 * 1024
 MAX_IDLE_PER_BACKEND = 64
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 # What a plain response (h1.plain_response_length) leaves for the rest of the cycle: only read.
+_LATER = object()  # a pick that waits on the sticky store
 _PLAIN = h1.Response(200, h1.LENGTH, 0, True, False, b"", {}, (), b"keep-alive")
 
 
@@ -182,7 +187,7 @@ class HttpClient(asyncio.Protocol):
         "paused", "closing", "eof", "req", "pool", "backend", "up", "reused", "attempts", "pending",
         "pending_bytes", "body_left", "chunks", "req_done", "resp", "resp_buf", "resp_started",
         "resp_left", "resp_end", "resp_bytes", "router", "tunnel_eof", "in_heads", "more", "head_cb", "tried",
-        "conn_headers", "is_tls",
+        "conn_headers", "is_tls", "set_cookie",
     )
 
     def __init__(self, worker: Worker, key) -> None:
@@ -211,6 +216,7 @@ class HttpClient(asyncio.Protocol):
         self.resp_buf = b""
         self.pending = []
         self.chunks = None
+        self.set_cookie = b""  # a stickiness cookie for this request's response
 
     # -- asyncio callbacks: client side ---------------------------------------
 
@@ -401,6 +407,7 @@ class HttpClient(asyncio.Protocol):
         self.attempts = 0
         self.resp = None
         self.resp_bytes = 0
+        self.set_cookie = b""
         if listener.spec.redirect_https:
             self._redirect(req, listener.spec.redirect_https)
             return
@@ -485,7 +492,46 @@ class HttpClient(asyncio.Protocol):
 
     def _dispatch(self) -> None:
         pool: PoolRuntime = self.pool
-        backend = pool.balancer.pick(pool.members, pool.key_for(self.req, self.peer) if pool.hash_key else None)
+        if pool.affinity is None:
+            backend = pool.balancer.pick(pool.members, pool.key_for(self.req, self.peer) if pool.hash_key else None)
+        else:
+            backend = self._sticky_pick(pool, pool.affinity)
+            if backend is _LATER:
+                return
+        self._use(backend)
+
+    def _sticky_pick(self, pool: PoolRuntime, affinity: Affinity):
+        """The backend of a sticky pool (see workers/sticky.py), or _LATER
+        when the store is asked first."""
+        req = self.req
+        if affinity.cookie is not None:
+            backend = None
+            if b"\r\ncookie:" in req.low:
+                backend = affinity.from_cookie(req.header(b"cookie"), pool.members, time.time())
+                req.head = strip_cookie(req.head, affinity.cookie)  # the backend never sees it
+            if backend is None:
+                backend = pool.balancer.pick(pool.members, pool.key_for(req, self.peer) if pool.hash_key else None)
+                if backend is not None:
+                    self.set_cookie = affinity.set_cookie(backend.id, time.time(), self.is_tls)
+            return backend
+        key = self.peer if affinity.mode == "source_ip" else req.header(affinity.header)
+        if not key:
+            return pool.balancer.pick(pool.members, pool.key_for(req, self.peer) if pool.hash_key else None)
+        if affinity.store is not None:
+            store = self.worker.store(affinity.store)
+            if store.available():
+                self.worker.loop.create_task(self._remembered(pool, affinity, store, key))
+                return _LATER
+        return affinity.hashed(pool.members, key)
+
+    async def _remembered(self, pool: PoolRuntime, affinity: Affinity, store, key: bytes) -> None:
+        req = self.req
+        backend = await pick_remembered(store, affinity, pool, key)
+        if self.req is req and self.state == CONNECTING:  # else the client went away meanwhile
+            self._use(backend)
+
+    def _use(self, backend: BackendRuntime | None) -> None:
+        pool = self.pool
         if backend is None:
             if pool.members:
                 # Every backend is at max_connections: wait for a free one,
@@ -580,6 +626,8 @@ class HttpClient(asyncio.Protocol):
                 backend.active += 1
                 backend.requests += 1
                 self.worker.dirty.add(backend)
+                if pool.affinity is not None and pool.affinity.cookie is not None:  # name where it went
+                    self.set_cookie = pool.affinity.set_cookie(backend.id, time.time(), self.is_tls)
                 self.worker.loop.create_task(self._connect(backend))
                 return
         self._respond_error(status)
@@ -616,7 +664,7 @@ class HttpClient(asyncio.Protocol):
         req = self.req
         if len(buf) - end - 4 == h1.plain_response_length(buf[: end + 4], req.method, self.listener.response_rules) \
                 and req.version == b"1.1" and not self.closing and self.req_done and not self.worker.draining \
-                and self.router is self.worker.router:
+                and self.router is self.worker.router and not self.set_cookie:
             # The common case: the whole response in one read, passed on unchanged.
             self.resp = _PLAIN
             self.resp_started = True
@@ -651,7 +699,7 @@ class HttpClient(asyncio.Protocol):
             connection = b"keep-alive"
         else:
             connection = None
-        head = h1.lower_response(resp, self.listener.response_rules, connection)
+        head = h1.lower_response(resp, self.listener.response_rules, connection, self.set_cookie)
         if resp.upgrade:
             self.transport.write(head + rest)
             self.state = TUNNEL

@@ -15,13 +15,14 @@ import math
 import os
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from lbc_workers import balance
 from lbc_workers.health.machine import HEALTHY, UNHEALTHY, eligible
 from lbc_workers.proxy.h1 import HeadRules, Request, ResponseRules
 from lbc_workers.proxy.tls import CertificateChooser, client_context
+from lbc_workers.sticky import Affinity
 
 from lbc import table as tablemod
 from lbc.config.addresses import address_kind
@@ -82,11 +83,13 @@ class BackendRuntime:
 
 
 class PoolRuntime:
-    __slots__ = ("name", "spec", "balancer", "backends", "enabled", "members", "hash_key", "trust_s", "ssl", "sni")
+    __slots__ = ("name", "spec", "balancer", "backends", "enabled", "members", "hash_key", "trust_s", "ssl", "sni",
+                 "affinity")
 
     def __init__(self, spec: tablemod.Pool, backends: tuple[BackendRuntime, ...], balancer: balance.Balancer,
-                 secrets: Path) -> None:
+                 secrets: Path, node_secret: Callable[[], bytes] | None = None) -> None:
         self.name = spec.name
+        self.affinity = _affinity(spec, secrets, node_secret) if spec.sticky else None
         # Re-encryption: connections to these backends speak TLS.
         self.ssl = client_context(spec.tls, secrets) if spec.tls else None
         self.sni = spec.tls.sni if spec.tls else None
@@ -151,6 +154,19 @@ class PoolRuntime:
             return request.header(arg.lower().encode())
         cookies = request.header(b"cookie")
         return cookie_value(cookies, arg.encode()) if cookies else None
+
+
+def _affinity(spec: tablemod.Pool, secrets: Path, node_secret: Callable[[], bytes] | None) -> Affinity:
+    sticky = spec.sticky
+    keys: list[bytes] = []
+    if sticky.mode == "cookie":
+        if sticky.secret_sha256:  # secret_file: one secret per line, the first signs
+            keys = [x.strip() for x in (secrets / sticky.secret_sha256).read_bytes().splitlines() if x.strip()]
+        elif node_secret is not None:
+            keys = [node_secret()]
+        if not keys:
+            raise tablemod.TableError(f"pool {spec.name}: no secret to sign stickiness cookies with")
+    return Affinity(spec.name, sticky, keys)
 
 
 def cookie_value(header: bytes, name: bytes) -> bytes | None:
@@ -282,9 +298,12 @@ class Router:
 
     @classmethod
     def build(cls, version: str, table: tablemod.RoutingTable, slots: dict[str, int], previous: Router | None,
-              secrets: Path, rng: random.Random | None = None) -> Router:
+              secrets: Path, rng: random.Random | None = None,
+              node_secret: Callable[[], bytes] | None = None) -> Router:
         """Build beside `previous`, reusing its backend runtimes and balancers.
-        Pure apart from the objects it reuses: nothing is opened or closed."""
+        Pure apart from the objects it reuses and the files it reads (the
+        table's secrets; `node_secret` gives the node's own cookie secret):
+        nothing is opened or closed."""
         workers = table.settings.workers or os.cpu_count() or 1
         old_backends = previous.backends if previous else {}
         old_pools = previous.pools if previous else {}
@@ -305,7 +324,7 @@ class Router:
                 balancer = old.balancer
             else:
                 balancer = balance.make(p.algorithm, rng)
-            pools[p.name] = PoolRuntime(p, tuple(runtimes), balancer, secrets)
+            pools[p.name] = PoolRuntime(p, tuple(runtimes), balancer, secrets, node_secret)
         listeners = {x.socket_key: ListenerRuntime(x, pools, secrets) for x in table.listeners}
         return cls(version, table, listeners, pools, backends)
 

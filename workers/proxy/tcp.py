@@ -29,6 +29,8 @@ import asyncio
 import ssl
 from typing import TYPE_CHECKING
 
+from lbc_workers.proxy.store import pick_remembered
+
 if TYPE_CHECKING:
     from lbc_workers.proxy.router import BackendRuntime, ListenerRuntime, PoolRuntime
     from lbc_workers.proxy.worker import Worker
@@ -97,13 +99,31 @@ class TcpClient(asyncio.Protocol):
         """Pick a backend of `pool` and connect to it, not reading the client
         meanwhile; `first` (bytes already read from the client) goes ahead
         of everything else."""
-        worker = self.worker
         transport = self.transport
         self.idle_s = listener.idle_s
         self.pool = pool
         peer = transport.get_extra_info("peername")
-        key = peer[0].encode() if peer and pool.hash_key else None
-        backend = pool.pick(key)
+        affinity = pool.affinity  # source_ip stickiness: the only kind L4 has
+        if affinity is not None and peer:
+            key = peer[0].encode()
+            if affinity.store is not None and (store := self.worker.store(affinity.store)).available():
+                transport.pause_reading()
+                self.deadline = self.worker.now + listener.connect_s
+                self.worker.loop.create_task(self._remembered(listener, store, key, first))
+                return
+            backend = affinity.hashed(pool.members, key)
+        else:
+            backend = pool.pick(peer[0].encode() if peer and pool.hash_key else None)
+        self._begin(listener, backend, first)
+
+    async def _remembered(self, listener: ListenerRuntime, store, key: bytes, first: bytes) -> None:
+        backend = await pick_remembered(store, self.pool.affinity, self.pool, key)
+        if not self.closed:
+            self._begin(listener, backend, first)
+
+    def _begin(self, listener: ListenerRuntime, backend: BackendRuntime | None, first: bytes) -> None:
+        worker = self.worker
+        transport = self.transport
         if backend is None:
             transport.close()
             return

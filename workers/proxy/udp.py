@@ -133,7 +133,10 @@ class UdpListener(asyncio.DatagramProtocol):
             if listener is None or listener.pool is None:
                 return
             pool = listener.pool
-            backend = pool.pick(addr[0].encode() if pool.hash_key else None)
+            if pool.affinity is not None:  # source_ip stickiness: the ring (sessions do not wait on a store)
+                backend = pool.affinity.hashed(pool.members, addr[0].encode())
+            else:
+                backend = pool.pick(addr[0].encode() if pool.hash_key else None)
             if backend is None:
                 return
             backend.active += 1

@@ -45,6 +45,7 @@ from lbc_workers.proxy import tls
 from lbc_workers.proxy.http import HttpClient
 from lbc_workers.proxy.passthrough import PassthroughClient
 from lbc_workers.proxy.router import BackendRuntime, BindKey, PoolRuntime, Router
+from lbc_workers.proxy.store import RedisStore
 from lbc_workers.proxy.tcp import TcpClient
 from lbc_workers.proxy.udp import UdpListener
 
@@ -72,6 +73,7 @@ class Worker:
         self.dirty: set[BackendRuntime] = set()  # counters to publish
         self.retired: dict[str, BackendRuntime] = {}  # draining backends by identity
         self.waiters: dict[str, deque] = {}  # pool name -> clients waiting for a free backend
+        self.stores: dict[str, RedisStore] = {}  # sticky stores by URL, kept across reloads
         self.draining = False
         self.requests = 0
         self.connections_opened = 0
@@ -140,7 +142,8 @@ class Worker:
         try:
             _fault("reject", version)
             table = self.state.read_table(version)
-            router = Router.build(version, table, self.state.slots(), self.router, self.state.secrets)
+            router = Router.build(version, table, self.state.slots(), self.router, self.state.secrets,
+                                  node_secret=self.state.node_secret)
             for key, listener in router.listeners.items():
                 if key in self.servers and key[0] == "tls" and self.tls_policy.get(key) != tls.policy(listener.spec.tls):
                     replaced[key] = self.servers.pop(key)  # a new socket beside it, then it closes
@@ -284,6 +287,12 @@ class Worker:
             elif not b.unhealthy and b.removed_at is not None and self.retired.get(b.key) is b and b.enabled:
                 b.removed_at = None
                 del self.retired[b.key]
+
+    def store(self, url: str) -> RedisStore:
+        store = self.stores.get(url)
+        if store is None:
+            store = self.stores[url] = RedisStore(url)
+        return store
 
     def backend_failed(self, pool: PoolRuntime, backend: BackendRuntime) -> None:
         """A connection failure or a 5xx: passive health counts it."""
