@@ -27,6 +27,7 @@ from lbc.table import (
     FORMAT,
     HASH_NAME,
     HASHING,
+    Admin,
     Backend,
     Certificate,
     HealthCheck,
@@ -54,7 +55,7 @@ def compile_config(config: Config) -> RoutingTable:
     return RoutingTable(
         format=FORMAT,
         hash=HASH_NAME,
-        settings=Settings(workers=glob.get("workers"), drain_timeout_ms=drain_ms),
+        settings=Settings(workers=glob.get("workers"), drain_timeout_ms=drain_ms, admin=_admin(glob["admin"], config)),
         listeners=tuple(sorted((_listener(x, config) for x in tree["listeners"]), key=lambda x: x.name)),
         pools=tuple(sorted((_pool(p, config, drain_ms) for p in tree["pools"]), key=lambda p: p.name)),
     )
@@ -159,7 +160,16 @@ def _pool(p: Tree, config: Config, global_drain_ms: int) -> Pool:
         dynamic_backends=p["dynamic_backends"],
         tls=_upstream_tls(p["tls"], config) if "tls" in p else None,
         backends=tuple(_backend(b) for b in p["backends"]),
+        set_by_api=(),
     )
+
+
+def _admin(a: Tree, config: Config) -> Admin | None:
+    if not a["enabled"]:
+        return None
+    host, port = parse_bind(a["bind"])
+    return Admin(host=host, port=port,
+                 token_sha256=config.files[a["token_file"]].sha256 if "token_file" in a else None)
 
 
 def _health(h: Tree) -> HealthCheck:
@@ -223,6 +233,8 @@ def _backend(b: Tree) -> Backend:
         max_connections=b["max_connections"],
         enabled=b["enabled"],
         health_check_path=b.get("health_check_path"),
+        origin="file",
+        created_at=None,
     )
 
 

@@ -22,6 +22,7 @@ from lbc.config.schema import pool_schema, resolve
 SECTIONS = (
     ("Top level", "#"),
     ("global", "#/$defs/global"),
+    ("global.admin", "#/$defs/admin"),
     ("listeners[]", "#/$defs/listener"),
     ("listeners[].routes[]", "#/$defs/route"),
     ("listeners[].routes[].match", "#/$defs/match"),

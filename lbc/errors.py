@@ -43,3 +43,18 @@ class UnknownVersion(StateError):
 
 class StalePlan(LbcError):
     """A saved plan was made against a table that is no longer live."""
+
+
+class Rejected(LbcError):
+    """An imperative change (the admin API) that cannot be made as asked;
+    `status` is the HTTP status the API answers with."""
+
+    status = 400
+
+
+class NotFound(Rejected):
+    status = 404
+
+
+class Conflict(Rejected):
+    status = 409

@@ -12,6 +12,13 @@ remove.` / `No changes.`) and its exit code, as Black's Report does.
 
 Routes are ordered, so they are matched with a sequence diff: inserting a
 route shows one addition, not every later route changed.
+
+Drift: changes made through the admin API are marked in the live table
+(backends with `origin: api`, pools' `set_by_api`). A plan from a file that
+undoes them marks those changes as drift; the file wins when applied. The
+API's backends of `dynamic_backends` pools are not drift: the service layer
+keeps them in the new table (lbc.mutate.keep_dynamic), and the plan lists
+them.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class Change:
     parent: str | None  # the listener of a route, the pool of a backend
     summary: str  # one line describing the resource (for adds and removes)
     fields: tuple[FieldChange, ...] = ()
+    drift: bool = False  # undoes a change made through the admin API
 
     def __post_init__(self) -> None:
         if self.action not in _SYMBOL:
@@ -85,6 +93,7 @@ class Plan:
     changes: tuple[Change, ...]
     effects: tuple[PoolEffect, ...] = ()
     rebinds: tuple[Rebind, ...] = ()
+    dynamic: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (pool, API backend ids kept)
     counts: dict[str, int] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +114,10 @@ class Plan:
         c = self.counts
         return f"Plan: {c[ADD]} to add, {c[CHANGE]} to change, {c[REMOVE]} to remove."
 
+    @property
+    def drift(self) -> int:
+        return sum(1 for c in self.changes if c.drift)
+
     def exit_code(self, detailed: bool = False) -> int:
         """0 on success; with detailed (terraform's -detailed-exitcode), 2 when
         there are changes."""
@@ -121,6 +134,8 @@ class Plan:
             "changes": [to_plain(c) for c in self.changes],
             "effects": [to_plain(e) for e in self.effects],
             "rebinds": [to_plain(r) for r in self.rebinds],
+            "drift": self.drift,
+            "dynamic": [{"pool": p, "backends": list(ids)} for p, ids in self.dynamic],
         }
 
 
@@ -142,6 +157,8 @@ def diff(old: RoutingTable | None, new: RoutingTable, old_version: str | None, n
         tuple(changes),
         effects=tuple(_effects(old, new)) if old else (),
         rebinds=tuple(_rebinds(old.listeners if old else (), new.listeners)),
+        dynamic=tuple((p.name, ids) for p in new.pools if p.dynamic_backends
+                      and (ids := tuple(b.id for b in p.backends if b.origin == "api"))),
     )
 
 
@@ -220,11 +237,11 @@ def _diff_pools(old: tuple[Pool, ...], new: tuple[Pool, ...]) -> Iterator[Change
         if kept_old != kept_new:
             fields.append(FieldChange("backend_order", kept_old, kept_new))
         if fields:
-            yield Change(CHANGE, "pool", name, None, _pool_summary(b), tuple(fields))
+            yield Change(CHANGE, "pool", name, None, _pool_summary(b), tuple(fields), drift=bool(a.set_by_api))
         ob, nb = _by_name(a.backends, "id"), _by_name(b.backends, "id")
         for bid in old_ids:
             if bid not in nb:
-                yield Change(REMOVE, "backend", bid, name, _backend_summary(ob[bid]))
+                yield Change(REMOVE, "backend", bid, name, _backend_summary(ob[bid]), drift=ob[bid].origin == "api")
         for bid in new_ids:
             if bid not in ob:
                 yield Change(ADD, "backend", bid, name, _backend_summary(nb[bid]))
@@ -390,8 +407,17 @@ def _render(plan: Plan) -> Iterator[str]:
             yield f"  listener \"{r.listener}\": closes {r.before} (its connections drain)"
         else:
             yield f"  listener \"{r.listener}\": re-binds {r.before} -> {r.after}"
+    if plan.dynamic:
+        yield ""
+        yield "Kept (backends the admin API added to dynamic_backends pools):"
+        for pool, ids in plan.dynamic:
+            yield f"  pool \"{pool}\": {', '.join(ids)}"
     yield ""
     yield plan.summary()
+    if plan.drift:
+        n = plan.drift
+        yield (f"{n} of these change{'s undo' if n != 1 else ' undoes'} drift: what was changed through the "
+               "admin API goes back to the file's intent (the file wins).")
 
 
 def _render_change(c: Change, indent: str) -> Iterator[str]:
@@ -401,13 +427,14 @@ def _render_change(c: Change, indent: str) -> Iterator[str]:
         title = f"route [{c.name.rsplit('[', 1)[1]}"
     else:
         title = f'{c.kind} "{c.name}"'
+    drift = "   # drift: set through the admin API" if c.drift else ""
     if c.action == CHANGE:
-        yield f"{indent}  ~ {title}"
+        yield f"{indent}  ~ {title}{drift}"
         for f in c.fields:
             fname, old, new = _display_field(f)
             yield f"{indent}      ~ {fname}: {old} -> {new}"
     else:
-        yield f"{indent}  {_SYMBOL[c.action]} {title}: {c.summary}"
+        yield f"{indent}  {_SYMBOL[c.action]} {title}: {c.summary}{drift}"
 
 
 def _display_field(f: FieldChange) -> tuple[str, str, str]:

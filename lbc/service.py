@@ -1,12 +1,14 @@
 """The operations behind `lbc validate|compile|plan|apply|rollback`, shared by
-the CLI and (later) the admin API, so every change takes the same path:
+the CLI and the admin API, so every change takes the same path:
 
     load + check -> compile -> lock -> diff against live -> install -> record
+    (the admin API: lock -> edit the live table (lbc.mutate) -> the same)
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import hashlib
 import json
@@ -14,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -21,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from lbc import shm
+from lbc import mutate, shm
 from lbc import table as tablemod
 from lbc.compiler import compile_config
 from lbc.config import Config, load
@@ -120,9 +123,22 @@ def plan_file(path: str | PathLike[str], state: StateDir) -> tuple[Plan, Compile
     compiled = compile_file(path)
     base_version = state.current_version()
     # An unchanged table makes an empty plan, which needs no live table: skip
-    # reading and decoding it (for a big table, a good share of `lbc plan`).
-    base = state.read_table(base_version) if base_version not in (None, compiled.version) else None
+    # reading and decoding it (for a big table, a good share of `lbc plan`),
+    # unless the API's backends of dynamic pools are to be kept.
+    dynamic = any(p.dynamic_backends for p in compiled.table.pools)
+    base = state.read_table(base_version) if base_version not in (None, compiled.version) or (
+        dynamic and base_version is not None) else None
+    compiled = with_dynamic(compiled, base)
     return diff(base, compiled.table, base_version, compiled.version), compiled
+
+
+def with_dynamic(compiled: Compiled, live: RoutingTable | None) -> Compiled:
+    """`compiled` keeping the live API backends of its dynamic pools."""
+    table = mutate.keep_dynamic(compiled.table, live)
+    if table is compiled.table:
+        return compiled
+    data = tablemod.dump(table)
+    return dataclasses.replace(compiled, table=table, data=data, version=tablemod.version_of(data))
 
 
 def save_plan(plan: Plan, compiled: Compiled) -> bytes:
@@ -202,12 +218,33 @@ def apply(
             planned = saved_plan_base[0][:12] if saved_plan_base[0] else "an empty state"
             live = base_version[:12] if base_version else "nothing"
             raise StalePlan(f"the plan was made against {planned}, but the live table is now {live}; run lbc plan again")
+        compiled = with_dynamic(compiled, base)
         plan = diff(base, compiled.table, base_version, compiled.version)
         if plan.empty:
             return ApplyResult(plan, installed=False, state=str(state.root))
         record = _record(compiled.version, base_version, "apply", origin, compiled.source, compiled.source_sha256, argv)
         delivery = _install_and_deliver(state, compiled.table, compiled.data, compiled.secrets, record, base,
                                         wait=wait, ack_timeout=ack_timeout)
+        return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery)
+
+
+def change(state: StateDir, edit: Callable[[RoutingTable], RoutingTable], *, command: str, argv: str,
+           lock_timeout: float, origin: str = "api", wait: bool = True, ack_timeout: float = 10.0) -> ApplyResult:
+    """An imperative change: `edit` makes the new table from the live one
+    (lbc.mutate; it raises Rejected to refuse), then it is installed and
+    delivered as an apply is, and recorded with its origin."""
+    with state.lock(argv, lock_timeout):
+        base_version, base = state.current_table()
+        if base is None:
+            raise LbcError(f"nothing is installed in {state.root}: apply a file first")
+        table = edit(base)
+        data = tablemod.dump(table)
+        version = tablemod.version_of(data)
+        plan = diff(base, table, base_version, version)
+        if plan.empty:
+            return ApplyResult(plan, installed=False, state=str(state.root))
+        record = _record(version, base_version, command, origin, None, None, argv)
+        delivery = _install_and_deliver(state, table, data, {}, record, base, wait=wait, ack_timeout=ack_timeout)
         return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery)
 
 
@@ -242,8 +279,11 @@ def _install_and_deliver(state: StateDir, table: RoutingTable, data: bytes, secr
     a table this apply reported as failed."""
     node = Node(state)
     running = node.running()
+    admin_changed = base is None or base.settings.admin != table.settings.admin
     if running:
         served = {x.socket_key for x in (base.listeners if base else ())}
+        if base is not None and base.settings.admin is not None:  # ours: it restarts with the new settings
+            served.add(("tcp", base.settings.admin.host, base.settings.admin.port))
         problems = probe_binds(table, skip=served)
         if problems:
             raise LbcError("cannot listen; nothing was changed:\n  " + "\n  ".join(problems))
@@ -254,6 +294,8 @@ def _install_and_deliver(state: StateDir, table: RoutingTable, data: bytes, secr
         if base is None or worker_count(base) != worker_count(table):
             node.set_worker_count(table)
         node.signal_workers()
+        if admin_changed:
+            node.restart_admin()
         if not wait:
             return Delivery(running=True, waited=False)
         acks = tuple(node.wait_for(record.version, ack_timeout))
@@ -272,6 +314,8 @@ def _install_and_deliver(state: StateDir, table: RoutingTable, data: bytes, secr
         if worker_count(base) != worker_count(table):
             node.set_worker_count(base)
         node.signal_workers()
+        if admin_changed:
+            node.restart_admin()
         node.wait_for(record.previous, ack_timeout)
     raise ApplyFailed(f"not every worker could serve table {record.version[:12]}: {why}; "
                       f"table {record.previous[:12]} is current again")
@@ -431,6 +475,7 @@ class BackendStatus:
     latency_ms: float
     error: str
     resolved: str  # what a host name resolved to
+    avg_response_ms: float | None  # mean time to the response head of the requests proxied; None before any
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,15 +532,18 @@ class NodeStatus:
         return tablemod.to_plain(self)
 
 
-def status(state: StateDir) -> NodeStatus:
+def status(state: StateDir, processes: bool = True) -> NodeStatus:
+    """The node as `lbc status` shows it; without `processes`, no per-process
+    figures (the admin API's backend views, which must answer quickly)."""
     node = Node(state)
     live, table = state.current_table()
     running = node.running()
+    with_processes = processes
     processes: list[ProcessStatus] = []
     backends: list[BackendStatus] = []
     memory = shm.Shm(node.shm_file) if running and node.shm_file.exists() else None
     try:
-        if running:
+        if running and with_processes:
             now = time.time()
             for p in node.processes():
                 info = memory.read_worker(p.slot) if memory is not None and p.slot is not None else None
@@ -529,12 +577,40 @@ def status(state: StateDir) -> NodeStatus:
                     backends.append(BackendStatus(
                         pool.name, b.id, b.address, b.port, b.enabled, total.active, total.requests, total.failures,
                         state_name, health.successes, health.failures, health.last_check, health.latency_ms,
-                        health.error, health.address))
+                        health.error, health.address,
+                        total.latency_sum_s * 1000 / total.latency_count if total.latency_count else None))
     finally:
         if memory is not None:
             memory.close()
     return NodeStatus(str(state.root), running, node.supervisord_pid(), live, tuple(processes), tuple(backends),
                       checker_age, trusted, state.watch_status())
+
+
+def node_health(state: StateDir) -> dict[str, Any]:
+    """Should this node take traffic? `ok` when a table is live and every
+    worker runs and serves it (the admin API's /healthz)."""
+    node = Node(state)
+    live = state.current_version()
+    running = [p for p in node.workers() if p.state == "RUNNING"] if node.running() else []
+    serving = 0
+    checker_age = None
+    if running and node.shm_file.exists():
+        memory = shm.Shm(node.shm_file)
+        try:
+            serving = sum(1 for p in running if memory.read_worker(p.slot).version == live)
+            beat, _ = memory.health_heartbeat()
+            checker_age = round(time.time() - beat, 3) if beat else None
+        finally:
+            memory.close()
+    out: dict[str, Any] = {"status": "ok", "version": live, "workers": len(running), "serving": serving,
+                           "checker_age_s": checker_age}
+    if live is None:
+        out.update(status="unavailable", reason="no table is installed")
+    elif not running:
+        out.update(status="unavailable", reason="no worker is running")
+    elif serving < len(running):
+        out.update(status="unavailable", reason=f"{len(running) - serving} of {len(running)} workers do not serve {live[:12]}")
+    return out
 
 
 HEALTH_NAMES = {0: "unknown", 1: "healthy", 2: "unhealthy"}  # as lbc_workers.health.machine

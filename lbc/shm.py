@@ -41,26 +41,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAGIC = b"LBCSHM\x00\x01"
-LAYOUT = 2
+LAYOUT = 3
 HEADER_BYTES = 4096
 MAX_WORKERS = 64
 MAX_BACKENDS = 32768
 
 # magic, layout, max_workers, max_backends, worker_bytes, drain_override_ms
 _HEADER = struct.Struct("<8sIIIQq")
-# seq, pid, started, heartbeat, state, generation, version, attempted, error, connections, requests
-_WORKER = struct.Struct("<QqddiQ64s64s256sqQ")
+# seq, pid, started, heartbeat, state, generation, version, attempted, error, connections, requests,
+# reloads_ok, reloads_failed, rejected (bad requests answered 4xx and closed), store_errors (sticky store)
+_WORKER = struct.Struct("<QqddiQ64s64s256sqQQQQQ")
 WORKER_BYTES = 512
 assert _WORKER.size <= WORKER_BYTES
-# active, requests, failures, bytes_in, bytes_out
-BACKEND = struct.Struct("<qQQQQ")
+# Backend response time histogram: upper bounds in seconds (the last bucket is +Inf).
+LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# active, requests, failures, bytes_in, bytes_out, responses by class (1xx..5xx), retries, ejections,
+# response time sum (microseconds), responses timed, then one count per latency bucket (not cumulative)
+BACKEND = struct.Struct("<qQQQQ" + "Q" * 5 + "QQ" + "QQ" + "Q" * (len(LATENCY_BOUNDS) + 1))
 BACKEND_BYTES = BACKEND.size
+COUNTERS = len(BACKEND.format) - 1
 
 # seq, generation, heartbeat, pid
 _HEALTH_HEADER = struct.Struct("<QQdq")
 HEALTH_HEADER_BYTES = 64
-# state, family (0 none, 4, 6), flags, successes, failures, last_check, latency_ms, address, error
-_HEALTH = struct.Struct("<BBHIIdf16s88s")
+# state, family (0 none, 4, 6), flags, successes, failures, last_check, latency_ms, address, error,
+# failed probes so far
+_HEALTH = struct.Struct("<BBHIIdf16s80sQ")
 HEALTH_BYTES = 128
 assert _HEALTH.size == HEALTH_BYTES
 HEALTH_CHECKED = 1  # flags: the checker probes this backend (its pool has a health check)
@@ -101,6 +107,10 @@ class WorkerInfo:
     error: str  # why `attempted` failed, if it did
     connections: int
     requests: int
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+    rejected: int = 0
+    store_errors: int = 0
 
     @property
     def state_name(self) -> str:
@@ -117,21 +127,29 @@ class HealthInfo:
     latency_ms: float
     address: str  # what a host name resolved to ("" for addresses, or unresolved)
     error: str
+    failed_total: int = 0  # failed probes since the checker started
 
 
 @dataclass(frozen=True, slots=True)
 class BackendCounters:
-    active: int = 0
-    requests: int = 0
-    failures: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
+    """One backend's counters (one worker's, or summed); the order is BACKEND's."""
+
+    values: tuple[int, ...] = (0,) * COUNTERS
+
+    active = property(lambda self: self.values[0])
+    requests = property(lambda self: self.values[1])
+    failures = property(lambda self: self.values[2])
+    bytes_in = property(lambda self: self.values[3])
+    bytes_out = property(lambda self: self.values[4])
+    by_class = property(lambda self: self.values[5:10])  # responses 1xx .. 5xx
+    retries = property(lambda self: self.values[10])
+    ejections = property(lambda self: self.values[11])
+    latency_sum_s = property(lambda self: self.values[12] / 1e6)
+    latency_count = property(lambda self: self.values[13])
+    buckets = property(lambda self: self.values[14:])  # per LATENCY_BOUNDS and +Inf, not cumulative
 
     def __add__(self, other: BackendCounters) -> BackendCounters:
-        return BackendCounters(*(a + b for a, b in zip(self._tuple(), other._tuple(), strict=True)))
-
-    def _tuple(self) -> tuple[int, ...]:
-        return (self.active, self.requests, self.failures, self.bytes_in, self.bytes_out)
+        return BackendCounters(tuple(a + b for a, b in zip(self.values, other.values, strict=True)))
 
 
 class Shm:
@@ -189,11 +207,11 @@ class Shm:
         _WORKER.pack_into(self.map, off, *current)
         struct.pack_into("<Q", self.map, off, seq + 2)  # even: done
 
-    def write_backend(self, worker: int, slot: int, counters: tuple[int, int, int, int, int]) -> None:
+    def write_backend(self, worker: int, slot: int, counters: tuple[int, ...]) -> None:
         BACKEND.pack_into(self.map, self._worker_offset(worker) + WORKER_BYTES + slot * BACKEND_BYTES, *counters)
 
     def backend_writer(self, worker: int):
-        """A fast writer for one worker's counters: f(slot, active, requests, failures, bytes_in, bytes_out)."""
+        """A fast writer for one worker's counters: f(slot, *counters) in BACKEND's order."""
         base = self._worker_offset(worker) + WORKER_BYTES
         pack, m = BACKEND.pack_into, self.map
 
@@ -219,15 +237,13 @@ class Shm:
             time.sleep(0.0005)
         else:
             raise ShmError(f"worker {slot}'s region stays busy")
-        _, pid, started, heartbeat, state, generation, version, attempted, error, conns, reqs = values
-        return WorkerInfo(
-            slot, pid, started, heartbeat, state, generation,
-            _text(version), _text(attempted), _text(error), conns, reqs,
-        )
+        _, pid, started, heartbeat, state, generation, version, attempted, error, *counts = values
+        return WorkerInfo(slot, pid, started, heartbeat, state, generation,
+                          _text(version), _text(attempted), _text(error), *counts)
 
     def read_backend(self, worker: int, slot: int) -> BackendCounters:
         off = self._worker_offset(worker) + WORKER_BYTES + slot * BACKEND_BYTES
-        return BackendCounters(*BACKEND.unpack_from(self.map, off))
+        return BackendCounters(BACKEND.unpack_from(self.map, off))
 
     def backend_totals(self, slot: int, workers: range | list[int] | None = None) -> BackendCounters:
         total = BackendCounters()
@@ -258,16 +274,16 @@ class Shm:
         return self.map[self.health_records + slot * HEALTH_BYTES]
 
     def read_health(self, slot: int) -> HealthInfo:
-        state, family, flags, ok, bad, last, latency, addr, error = _HEALTH.unpack_from(
+        state, family, flags, ok, bad, last, latency, addr, error, failed = _HEALTH.unpack_from(
             self.map, self.health_records + slot * HEALTH_BYTES)
         return HealthInfo(state, bool(flags & HEALTH_CHECKED), ok, bad, last, latency,
-                          _unpack_address(family, addr), _text(error))
+                          _unpack_address(family, addr), _text(error), failed)
 
     def write_health(self, slot: int, info: HealthInfo) -> None:
         family, packed = _pack_address(info.address)
         _HEALTH.pack_into(self.map, self.health_records + slot * HEALTH_BYTES, info.state, family,
                           HEALTH_CHECKED if info.checked else 0, info.successes, info.failures, info.last_check,
-                          info.latency_ms, packed, info.error.encode("utf-8", "replace")[:88])
+                          info.latency_ms, packed, info.error.encode("utf-8", "replace")[:80], info.failed_total)
 
 
 def _pack_address(address: str) -> tuple[int, bytes]:
@@ -289,6 +305,7 @@ def _unpack_address(family: int, packed: bytes) -> str:
 _WORKER_FIELDS = (
     "seq", "pid", "started", "heartbeat", "state", "generation",
     "version", "attempted", "error", "connections", "requests",
+    "reloads_ok", "reloads_failed", "rejected", "store_errors",
 )
 _WORKER_STR_LEN = {"version": 64, "attempted": 64, "error": 256}
 

@@ -8,6 +8,7 @@ secrets, and the lock that serializes changes.
       slots.json              backend identity -> shared-memory slot (see lbc.shm)
       watch.json              what `lbc watch` last did (a status for lbc status)
       node-secret             this node's stickiness cookie secret, made at first use (mode 0600)
+      admin-token             the admin API's bearer token without a token_file, made at first use (0600)
       history.jsonl           one JSON record per install, appended
       lock                    flock()ed by the command changing state; holds its pid
 
@@ -87,6 +88,7 @@ class StateDir:
         self.slots_file = self.root / "slots.json"
         self.run = self.root / "run"  # runtime files of a running node (lbc up)
         self.node_secret_file = self.root / "node-secret"
+        self.admin_token_file = self.root / "admin-token"
 
     # -- reading ------------------------------------------------------------
 
@@ -133,17 +135,25 @@ class StateDir:
         return matches[0]
 
     def node_secret(self) -> bytes:
-        """This node's own secret (stickiness cookies without a secret_file):
-        made by the first process that asks, mode 0600, then read by all.
-        Written beside and hard-linked into place, so two workers starting at
-        once agree on one secret and nobody reads half of it."""
+        """This node's own secret (stickiness cookies without a secret_file)."""
+        return self._made_once(self.node_secret_file)
+
+    def admin_token(self) -> bytes:
+        """The admin API's bearer token when the config names no token_file."""
+        return self._made_once(self.admin_token_file)
+
+    def _made_once(self, path: Path) -> bytes:
+        """A random secret in `path` (mode 0600), made by the first process
+        that asks, then read by all. Written beside and hard-linked into
+        place, so two processes starting at once agree on one secret and
+        nobody reads half of it."""
         try:
-            return self.node_secret_file.read_bytes().strip()
+            return path.read_bytes().strip()
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise StateError(f"cannot read {self.node_secret_file}: {_reason(e)}") from None
-        tmp = self.root / f".node-secret.tmp.{os.getpid()}"
+            raise StateError(f"cannot read {path}: {_reason(e)}") from None
+        tmp = self.root / f".{path.name}.tmp.{os.getpid()}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
@@ -152,11 +162,11 @@ class StateDir:
             finally:
                 os.close(fd)
             with contextlib.suppress(FileExistsError):  # another process was first: theirs wins
-                os.link(tmp, self.node_secret_file)
+                os.link(tmp, path)
             _fsync_dir(self.root)
-            return self.node_secret_file.read_bytes().strip()
+            return path.read_bytes().strip()
         except OSError as e:
-            raise StateError(f"cannot write {self.node_secret_file}: {_reason(e)}") from None
+            raise StateError(f"cannot write {path}: {_reason(e)}") from None
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()

@@ -37,12 +37,14 @@ import psutil
 from supervisor.xmlrpc import SupervisorTransport
 
 from lbc import shm as shmmod
+from lbc.config.addresses import format_hostport
 from lbc.errors import LbcError
 from lbc.state import StateDir
 from lbc.table import RoutingTable
 
 WORKER_PREFIX = "worker-"
 HEALTH = "health"  # the health checker's program
+ADMIN = "admin"  # the admin API's program
 MAX_SOCKET_PATH = 100
 
 
@@ -222,6 +224,13 @@ class Node:
         raise SupervisorError(f"supervisord did not start: {err or 'no answer on ' + str(self.socket)}"
                               f" (see {self.run / 'supervisord.log'})")
 
+    def restart_admin(self) -> None:
+        """The admin API serves the settings it started with: restart it."""
+        rpc = self._rpc()
+        with contextlib.suppress(SupervisorError):  # not running (off, or between restarts)
+            rpc.supervisor.stopProcess(f"{ADMIN}:{ADMIN}")
+        rpc.supervisor.startProcess(f"{ADMIN}:{ADMIN}", False)
+
     def set_worker_count(self, table: RoutingTable) -> None:
         """Add or remove worker programs to match the table, leaving the
         others running."""
@@ -313,24 +322,26 @@ class _TranslatedProxy:
 
 
 def probe_binds(table: RoutingTable, skip: set[tuple[str, str, int]] = frozenset()) -> list[str]:
-    """Listeners whose address is taken. Each is bound without SO_REUSEPORT:
+    """Listeners (and the admin API) whose address is taken. Each is bound without SO_REUSEPORT:
     with it, a second bind by the same user would silently succeed and split
     the traffic."""
     problems = []
-    for listener in table.listeners:
-        key = listener.socket_key
-        transport = key[0]
+    binds = [(x.socket_key, f"listener {x.name}") for x in table.listeners]
+    if table.settings.admin is not None:
+        binds.append((("tcp", table.settings.admin.host, table.settings.admin.port), "the admin API"))
+    for key, what in binds:
+        transport, host, port = key
         if key in skip:
             continue
-        family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((listener.host, listener.port))
+            sock.bind((host, port))
         except OSError as e:
             reason = "already in use" if e.errno == errno.EADDRINUSE else e.strerror
-            owner = _owner(transport, listener.host, listener.port)
-            problems.append(f"listener {listener.name}: {listener.bind}/{transport} is {reason}{owner}")
+            owner = _owner(transport, host, port)
+            problems.append(f"{what}: {format_hostport(host, port)}/{transport} is {reason}{owner}")
         finally:
             sock.close()
     return problems

@@ -228,8 +228,11 @@ class Backend:
     max_connections: int  # 0: unlimited
     enabled: bool
     health_check_path: str | None
+    origin: str  # "file", or "api": added through the admin API (drift, or a dynamic pool's own)
+    created_at: str | None  # ISO 8601 UTC, for backends the API added
 
     def __post_init__(self) -> None:
+        _require(self.origin in ("file", "api"), f"backend {self.id}: unknown origin {self.origin!r}")
         _require(1 <= self.port <= 65535, f"backend {self.id}: port out of range")
         _require(1 <= self.weight <= 256, f"backend {self.id}: weight out of range")
         _require(self.max_connections >= 0, f"backend {self.id}: negative max_connections")
@@ -249,6 +252,7 @@ class Pool:
     dynamic_backends: bool
     tls: UpstreamTLS | None
     backends: tuple[Backend, ...]  # in config order: round robin follows it
+    set_by_api: tuple[str, ...]  # settings the admin API changed since the file was applied ("algorithm", "sticky")
 
     def __post_init__(self) -> None:
         _require(self.algorithm in ALGORITHMS, f"unknown algorithm {self.algorithm!r}")
@@ -261,9 +265,17 @@ class Pool:
 
 
 @dataclass(frozen=True, slots=True)
+class Admin:
+    host: str
+    port: int
+    token_sha256: str | None  # token_file's digest; None: the state directory's own token
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     workers: int | None  # None: as many as the machine has CPUs
     drain_timeout_ms: int
+    admin: Admin | None  # None: no admin API
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +319,8 @@ class RoutingTable:
                 out.add(pool.tls.ca_sha256)
             if pool.sticky and pool.sticky.secret_sha256:
                 out.add(pool.sticky.secret_sha256)
+        if self.settings.admin and self.settings.admin.token_sha256:
+            out.add(self.settings.admin.token_sha256)
         return frozenset(out)
 
 

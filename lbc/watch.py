@@ -87,6 +87,7 @@ class Watcher:
         self.seen: tuple | None = None  # the key of the last snapshot it acted on
         self.named: tuple[Path, ...] = ()  # files the last good config named
         self._events = 0
+        self.failures = 0  # reloads that did not happen: invalid, held, failed or missing files (for /metrics)
         self._cond = threading.Condition()
         self._stop = False
 
@@ -221,10 +222,15 @@ class Watcher:
         return (str(real), st.st_ino, st.st_size, hashlib.sha256(data).hexdigest()) + self._named_key()
 
     def _record(self, state: str, message: str, version: str | None = None) -> None:
+        if state in FAILED:
+            self.failures += 1
         record = {"file": str(self.file), "state": state, "message": message, "version": version,
-                  "time": now_iso(), "pid": os.getpid()}
+                  "time": now_iso(), "pid": os.getpid(), "failures": self.failures}
         with contextlib.suppress(OSError):
             self.state.write_watch_status(record)
+
+
+FAILED = frozenset({"invalid", "held", "failed", "missing"})  # the file's intent is not live
 
 
 def observer(notify: Callable[..., None]) -> Callable[[list[Path]], Callable[[], None]]:

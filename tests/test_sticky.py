@@ -31,7 +31,8 @@ def config(ip: str, sticky: str, ids=("a", "b", "c"), *, port: int = 8080, worke
     backends = "".join(f"      - {{id: {i}, address: {ip}, port: {port_of(i)}}}\n" for i in ids)
     tcp = (f"  - {{name: raw, bind: \"{ip}:{tcp_port}\", protocol: tcp, pool: web}}\n" if tcp_port else "")
     protocol = "https" if https else "http"
-    return (f"version: 1\nglobal: {{workers: {workers}, drain_timeout: 2s}}\nlisteners:\n"
+    admin = f"admin: {{bind: \"{ip}:{port + 1000}\"}}"  # two nodes at once: two admin ports
+    return (f"version: 1\nglobal: {{workers: {workers}, drain_timeout: 2s, {admin}}}\nlisteners:\n"
             f"  - name: web\n    bind: \"{ip}:{port}\"\n    protocol: {protocol}\n{https}    routes: [{{pool: web}}]\n"
             f"{tcp}pools:\n  - name: web\n    sticky: {sticky}\n"
             + (f"    health_check: {check}\n" if check else "") + f"    backends:\n{backends}")

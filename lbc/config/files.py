@@ -82,6 +82,9 @@ def _references(data: Any) -> Iterator[tuple[Path, str]]:
                         yield base + (kind,), kind
             if "client_ca" in tls:
                 yield ("listeners", i, "tls", "client_ca"), "ca"
+    glob = data.get("global") if isinstance(data, dict) else None
+    if isinstance(glob, dict) and isinstance(glob.get("admin"), dict) and "token_file" in glob["admin"]:
+        yield ("global", "admin", "token_file"), "secret"
     for i, pool in dicts(data, "pools"):
         if isinstance(pool.get("tls"), dict) and "ca_file" in pool["tls"]:
             yield ("pools", i, "tls", "ca_file"), "ca"

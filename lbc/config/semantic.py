@@ -172,23 +172,27 @@ class _Checker:
     def check_binds(self) -> None:
         # transport, port -> (host, listener index): TCP and UDP may share a port,
         # and a wildcard host conflicts with every host on the same port.
-        taken: dict[tuple[str, int], list[tuple[str, int]]] = defaultdict(list)
-        for i, listener in dicts(self.data, "listeners"):
-            bind = listener.get("bind")
+        taken: dict[tuple[str, int], list[tuple[str, str]]] = defaultdict(list)
+        binds = [(("listeners", i, "bind"), x.get("bind"), "udp" if x.get("protocol") == "udp" else "tcp", f"listeners[{i}]")
+                 for i, x in dicts(self.data, "listeners")]
+        glob = self.data.get("global") if isinstance(self.data, dict) else None
+        admin = glob.get("admin") if isinstance(glob, dict) else None
+        if isinstance(admin, dict) and admin.get("enabled") is not False:
+            binds.append((("global", "admin", "bind"), admin.get("bind"), "tcp", "the admin API"))
+        for path, bind, transport, label in binds:
             if not isinstance(bind, str):
                 continue
             try:
                 host, port = parse_bind(bind)
             except ValueError as e:
                 if _BIND_SHAPE.match(bind):  # else the schema reported it
-                    self.error(("listeners", i, "bind"), str(e))
+                    self.error(path, str(e))
                 continue
-            transport = "udp" if listener.get("protocol") == "udp" else "tcp"
             for other_host, other in taken[(transport, port)]:
                 if other_host == host or host in WILDCARDS or other_host in WILDCARDS:
-                    self.error(("listeners", i, "bind"), f"{format_hostport(host, port)} overlaps listeners[{other}] ({format_hostport(other_host, port)})")
+                    self.error(path, f"{format_hostport(host, port)} overlaps {other} ({format_hostport(other_host, port)})")
                     break
-            taken[(transport, port)].append((host, i))
+            taken[(transport, port)].append((host, label))
 
     # -- pools ------------------------------------------------------------
 

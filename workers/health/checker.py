@@ -161,7 +161,8 @@ class Checker:
         old = self.shm.read_health(t.slot)
         self.shm.write_health(t.slot, shmmod.HealthInfo(
             state=h.state if t.check else UNKNOWN, checked=t.check is not None, successes=h.successes,
-            failures=h.failures, last_check=time.time(), latency_ms=latency, address=published, error=error))
+            failures=h.failures, last_check=time.time(), latency_ms=latency, address=published, error=error,
+            failed_total=old.failed_total + (1 if error else 0)))
         if changed or old.address != published:
             self.shm.bump_health_generation()
 

@@ -187,7 +187,7 @@ class HttpClient(asyncio.Protocol):
         "paused", "closing", "eof", "req", "pool", "backend", "up", "reused", "attempts", "pending",
         "pending_bytes", "body_left", "chunks", "req_done", "resp", "resp_buf", "resp_started",
         "resp_left", "resp_end", "resp_bytes", "router", "tunnel_eof", "in_heads", "more", "head_cb", "tried",
-        "conn_headers", "is_tls", "set_cookie",
+        "conn_headers", "is_tls", "set_cookie", "sent_at",
     )
 
     def __init__(self, worker: Worker, key) -> None:
@@ -587,6 +587,7 @@ class HttpClient(asyncio.Protocol):
     def _attach(self, up: Upstream, reused: bool) -> None:
         self.up = up
         self.reused = reused
+        self.sent_at = time.monotonic()
         up.owner = self
         self.state = FORWARDING
         self.deadline = self.worker.now + self.listener.response_s
@@ -616,6 +617,7 @@ class HttpClient(asyncio.Protocol):
         ):
             self.attempts += 1
             self.state = CONNECTING
+            failed.retries += 1
             backend = pool.balancer.pick(pool.members, pool.key_for(self.req, self.peer) if pool.hash_key else None)
             for _ in range(len(pool.members)):
                 if backend not in self.tried:
@@ -661,6 +663,8 @@ class HttpClient(asyncio.Protocol):
                 continue
             break
         self.resp_buf = b""
+        self.backend.timed_response(time.monotonic() - self.sent_at, buf[9])
+        self.worker.dirty.add(self.backend)
         req = self.req
         if len(buf) - end - 4 == h1.plain_response_length(buf[: end + 4], req.method, self.listener.response_rules) \
                 and req.version == b"1.1" and not self.closing and self.req_done and not self.worker.draining \

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from lbc_workers.sticky import Affinity
 
 from lbc import table as tablemod
 from lbc.config.addresses import address_kind
+from lbc.shm import LATENCY_BOUNDS
 from lbc.state import slot_key
 
 BindKey = tuple[str, str, int]  # transport ("tcp" or "udp"), host, port: Listener.socket_key
@@ -38,6 +40,7 @@ class BackendRuntime:
         "active", "swrr", "requests", "failures", "bytes_in", "bytes_out",
         "idle", "conns", "removed_at", "drain_ms", "connect_address", "hostname",
         "outlier", "consecutive_failures", "ejected_until", "ejections", "unhealthy", "checked_state",
+        "by_class", "retries", "ejected_total", "latency_us", "timed", "buckets",
     )
 
     def __init__(self, key: str, pool: str, spec: tablemod.Backend, slot: int) -> None:
@@ -50,6 +53,11 @@ class BackendRuntime:
         self.active = 0
         self.swrr = 0
         self.requests = self.failures = self.bytes_in = self.bytes_out = 0
+        # For /metrics: responses by status class (1xx..5xx), retries away from this backend,
+        # passive ejections, and response times (to the response head) per LATENCY_BOUNDS bucket.
+        self.by_class = [0, 0, 0, 0, 0]
+        self.retries = self.ejected_total = self.latency_us = self.timed = 0
+        self.buckets = [0] * (len(LATENCY_BOUNDS) + 1)
         self.idle: list = []  # pooled idle upstream connections (LIFO)
         # Every open connection to this backend (HTTP: pooled idle ones too;
         # added when it opens, not per request): a drain that runs out cuts them.
@@ -78,8 +86,18 @@ class BackendRuntime:
         self.outlier = outlier
         self.removed_at = None
 
-    def counters(self) -> tuple[int, int, int, int, int]:
-        return (self.active, self.requests, self.failures, self.bytes_in, self.bytes_out)
+    def counters(self) -> tuple[int, ...]:
+        """In lbc.shm.BACKEND's order."""
+        return (self.active, self.requests, self.failures, self.bytes_in, self.bytes_out, *self.by_class,
+                self.retries, self.ejected_total, self.latency_us, self.timed, *self.buckets)
+
+    def timed_response(self, seconds: float, status_digit: int) -> None:
+        """A response head from this backend, `seconds` after the request went out."""
+        if 49 <= status_digit <= 53:  # b"1" .. b"5"
+            self.by_class[status_digit - 49] += 1
+        self.latency_us += int(seconds * 1e6)
+        self.timed += 1
+        self.buckets[bisect_left(LATENCY_BOUNDS, seconds)] += 1
 
 
 class PoolRuntime:
@@ -136,6 +154,7 @@ class PoolRuntime:
         if now - backend.ejected_until > od.max_ejection_ms / 1000:
             backend.ejections = 0  # long enough back: start again from the first ejection time
         backend.ejections += 1
+        backend.ejected_total += 1
         backend.ejected_until = now + min(od.ejection_ms * 2 ** (backend.ejections - 1), od.max_ejection_ms) / 1000
         backend.consecutive_failures = 0
         return True

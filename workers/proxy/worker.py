@@ -78,6 +78,7 @@ class Worker:
         self.requests = 0
         self.connections_opened = 0
         self.rejected = 0
+        self.reloads_ok = self.reloads_failed = 0
         self._rid = 0
         self._rid_prefix = b"%02x%06x-" % (slot, int(time.time()) & 0xFFFFFF)
         self._reload_lock = asyncio.Lock()
@@ -156,6 +157,7 @@ class Worker:
             self.servers.update(replaced)
             message = f"{type(e).__name__}: {e}" if not isinstance(e, LbcError) else str(e)
             log.error("cannot serve table %s: %s", version[:12], message)
+            self.reloads_failed += 1
             self._report(attempted=version, error=message)
             return
         old, self.router = self.router, router
@@ -164,6 +166,7 @@ class Worker:
         if old is not None:
             self._retire(old, router)
         self.refresh_health(force=True)
+        self.reloads_ok += 1
         self._report(attempted=version, error="", version=version)
         log.info("serving table %s", version[:12])
         gc.collect()
@@ -329,7 +332,9 @@ class Worker:
         for backend in self.dirty:
             write(backend.slot, *backend.counters())
         self.dirty.clear()
-        self.shm.write_worker(self.slot, heartbeat=time.time(), connections=len(self.clients), requests=self.requests)
+        self.shm.write_worker(self.slot, heartbeat=time.time(), connections=len(self.clients), requests=self.requests,
+                              reloads_ok=self.reloads_ok, reloads_failed=self.reloads_failed, rejected=self.rejected,
+                              store_errors=sum(s.errors for s in self.stores.values()))
 
     def sweep(self, now: float) -> None:
         for client in [c for c in self.clients if c.deadline and c.deadline < now]:

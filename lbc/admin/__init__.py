@@ -1,0 +1,1 @@
+"""The admin API: a supervised process beside the workers (see app.py)."""

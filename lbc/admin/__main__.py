@@ -1,0 +1,71 @@
+"""python -m lbc.admin --state DIR: the admin API, run by supervisord beside
+the workers. It serves the live table's `global.admin` settings as they were
+when it started; an apply that changes them restarts it."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ipaddress
+import logging
+import signal
+import sys
+import time
+
+import uvicorn
+
+from lbc.admin.app import make_app
+from lbc.state import StateDir
+from lbc.table import RoutingTable
+
+log = logging.getLogger("lbc.admin")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def token_for(state: StateDir, table: RoutingTable) -> bytes | None:
+    """The bearer token requests need: token_file's first line; else, on a
+    bind other than loopback, the state directory's own token; else none."""
+    admin = table.settings.admin
+    if admin.token_sha256:
+        lines = (state.secrets / admin.token_sha256).read_bytes().strip().splitlines()
+        return lines[0].strip() if lines else None
+    return None if is_loopback(admin.host) else state.admin_token()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lbc.admin")
+    parser.add_argument("--state", required=True)
+    args = parser.parse_args(argv)
+    # Unlike the workers, which keep serving, the admin API goes with a killed
+    # supervisord: it would hold its port against the next `lbc up`.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    state = StateDir(args.state)
+    _, table = state.current_table()
+    if table is None or table.settings.admin is None:
+        log.info("the admin API is off (global.admin.enabled: false, or no table)")
+        return 0
+    admin = table.settings.admin
+    app = make_app(state, token_for(state, table))
+    log.info("admin API on %s:%d", admin.host, admin.port)
+    try:
+        uvicorn.run(app, host=admin.host, port=admin.port, log_level="warning", access_log=False, lifespan="off",
+                    timeout_graceful_shutdown=5, server_header=False)
+    except SystemExit as e:  # uvicorn exits when it cannot bind: do not spin
+        if e.code:
+            time.sleep(2)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The admin API as a Starlette app. The contract is schemas/admin-api.yaml
+(OpenAPI 3.1): every request is checked against it (openapi-core) before a
+handler runs, and the tests check every response against it.
+
+Glue only: handlers parse, call lbc.service / lbc.mutate, and shape JSON.
+Every change goes through service.change (lock, edit the live table, install,
+signal the workers, wait for their acks), in a worker thread, since it blocks.
+
+Errors are JSON `{"error": ..., "detail": ...}`: 400 for a request the spec
+or the change refuses, 401 without the token where one is needed, 404, 409,
+413 for bodies over 64 KiB, 503 when the change could not be delivered to
+the workers (the previous table is live again). Nothing else reaches a
+client: an unexpected exception is logged and answered 500 without details.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from openapi_core import OpenAPI
+from openapi_core.contrib.starlette.requests import StarletteOpenAPIRequest
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from lbc import mutate, service
+from lbc import table as tablemod
+from lbc.errors import LbcError, Rejected
+from lbc.service import ApplyFailed
+from lbc.state import StateDir, now_iso
+
+log = logging.getLogger("lbc.admin")
+MAX_BODY = 64 * 1024
+LOCK_TIMEOUT_S = 30.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: Any = None) -> None:
+        super().__init__(error)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def error_response(status: int, error: str, detail: Any = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": error}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status)
+
+
+def spec_path() -> Path:
+    """schemas/admin-api.yaml, shipped in the package as lbc.schemas."""
+    return Path(str(files("lbc.schemas").joinpath("admin-api.yaml")))
+
+
+class Api:
+    def __init__(self, state: StateDir, token: bytes | None) -> None:
+        self.state = state
+        self.token = token
+        self.openapi = OpenAPI.from_file_path(str(spec_path()))
+
+    # -- request gates ------------------------------------------------------------------
+
+    async def checked(self, request: Request) -> tuple[Any, dict[str, Any]]:
+        """(body, path parameters) of a request the spec accepts."""
+        if self.token is not None and request.url.path != "/healthz":
+            given = request.headers.get("authorization", "")
+            scheme, _, value = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token):
+                raise ApiError(401, "a bearer token is required (Authorization: Bearer <token>)")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            raise ApiError(413, f"request bodies are limited to {MAX_BODY} bytes")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise ApiError(413, f"request bodies are limited to {MAX_BODY} bytes")
+        result = self.openapi.unmarshal_request(StarletteOpenAPIRequest(request, body))
+        if result.errors:
+            raise ApiError(400, "the request does not match the API", [_reason(e) for e in result.errors])
+        return result.body, dict(result.parameters.path or {})
+
+    async def change(self, edit: Callable[[tablemod.RoutingTable], tablemod.RoutingTable], command: str) -> None:
+        try:
+            await run_in_threadpool(service.change, self.state, edit, command=command, argv=command,
+                                    lock_timeout=LOCK_TIMEOUT_S, origin="api")
+        except ApplyFailed as e:
+            raise ApiError(503, "the workers did not take the change; the previous table is live again", str(e)) from None
+
+    # -- handlers ------------------------------------------------------------------
+
+    async def list_backends(self, request: Request) -> Response:
+        await self.checked(request)
+        _, table = self.live()
+        statuses = {b.id: b for b in (await run_in_threadpool(service.status, self.state, processes=False)).backends}
+        out = []
+        for pool in table.pools:
+            for b in pool.backends:
+                st = statuses.get(b.id)
+                out.append({"backend_id": b.id, "pool": pool.name, "address": b.address, "port": b.port,
+                            "weight": b.weight, "enabled": b.enabled, "origin": b.origin, "created_at": b.created_at,
+                            "status": _status(st.health if st else "-"),
+                            "active_connections": st.active if st else 0,
+                            "total_requests": st.requests if st else 0})
+        return JSONResponse({"backends": out})
+
+    async def add_backend(self, request: Request) -> Response:
+        body, _ = await self.checked(request)
+        made: dict[str, Any] = {}
+
+        def edit(table: tablemod.RoutingTable) -> tablemod.RoutingTable:
+            new, pool, backend = mutate.add_backend(
+                table, address=body["address"], port=body["port"], weight=body.get("weight", 1),
+                health_check_path=body.get("health_check_path", "/health"), pool=body.get("pool"),
+                now=now_iso())
+            made.update(pool=pool, backend=backend)
+            return new
+
+        await self.change(edit, "api: POST /backends")
+        b = made["backend"]
+        return JSONResponse({"backend_id": b.id, "pool": made["pool"].name, "address": b.address, "port": b.port,
+                             "weight": b.weight, "health_check_path": b.health_check_path, "status": "unknown",
+                             "created_at": b.created_at}, status_code=201)
+
+    async def remove_backend(self, request: Request) -> Response:
+        _, path = await self.checked(request)
+        ident = path["backend_id"]
+        _, table = self.live()
+        mutate.find_backend(table, ident)  # 404 before taking the lock
+        in_flight = 0
+        for b in (await run_in_threadpool(service.status, self.state, processes=False)).backends:
+            if b.id == ident:
+                in_flight = b.active
+        await self.change(lambda t: mutate.remove_backend(t, ident)[0], f"api: DELETE /backends/{ident}")
+        return JSONResponse({"backend_id": ident, "status": "draining", "drained_connections": in_flight})
+
+    async def backend_health(self, request: Request) -> Response:
+        _, path = await self.checked(request)
+        ident = path["backend_id"]
+        _, table = self.live()
+        mutate.find_backend(table, ident)
+        st = next((b for b in (await run_in_threadpool(service.status, self.state, processes=False)).backends
+                   if b.id == ident), None)
+        if st is None:
+            raise ApiError(404, f"no backend {ident!r}")
+        return JSONResponse({
+            "backend_id": ident, "status": _status(st.health),
+            "last_check": datetime.fromtimestamp(st.last_check, UTC).isoformat() if st.last_check else None,
+            "consecutive_successes": st.successes, "consecutive_failures": st.check_failures,
+            "active_connections": st.active, "total_requests": st.requests, "total_failures": st.failures,
+            "avg_response_ms": st.avg_response_ms, "last_error": st.error})
+
+    async def get_config(self, request: Request) -> Response:
+        await self.checked(request)
+        version, table = self.live()
+        return JSONResponse({
+            "version": version,
+            "listeners": [{"name": x.name, "protocol": x.protocol, "bind": x.bind} for x in table.listeners],
+            "pools": [pool_settings(p) for p in table.pools]})
+
+    async def set_algorithm(self, request: Request) -> Response:
+        body, _ = await self.checked(request)
+        made: dict[str, Any] = {}
+
+        def edit(table: tablemod.RoutingTable) -> tablemod.RoutingTable:
+            new, pool = mutate.set_algorithm(table, algorithm=body["algorithm"],
+                                             sticky_sessions=body.get("sticky_sessions", False),
+                                             sticky_ttl_seconds=body.get("sticky_ttl_seconds", 3600),
+                                             pool=body.get("pool"))
+            made["pool"] = pool
+            return new
+
+        await self.change(edit, "api: PUT /config/algorithm")
+        return JSONResponse(pool_settings(made["pool"]))
+
+    async def healthz(self, request: Request) -> Response:
+        await self.checked(request)
+        h = await run_in_threadpool(service.node_health, self.state)
+        return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
+
+    def live(self) -> tuple[str, tablemod.RoutingTable]:
+        version, table = self.state.current_table()
+        if table is None:
+            raise ApiError(503, "no table is installed")
+        return version, table
+
+
+def pool_settings(p: tablemod.Pool) -> dict[str, Any]:
+    return {"pool": p.name, "algorithm": p.algorithm, "hash_key": p.hash_key,
+            "sticky": {"mode": p.sticky.mode, "ttl_seconds": p.sticky.ttl_ms // 1000} if p.sticky else None,
+            "backends": len(p.backends), "dynamic_backends": p.dynamic_backends, "set_by_api": list(p.set_by_api)}
+
+
+def _status(health: str) -> str:
+    return "unchecked" if health == "-" else health
+
+
+def _reason(e: Exception) -> str:
+    causes = [str(e)]
+    cause = e.__cause__
+    while cause is not None:
+        causes.append(str(cause))
+        inner = getattr(cause, "schema_errors", None)
+        if inner:
+            causes += [getattr(x, "message", str(x)) for x in inner]
+        cause = cause.__cause__
+    return "; ".join(dict.fromkeys(c for c in causes if c))
+
+
+def make_app(state: StateDir, token: bytes | None) -> Starlette:
+    api = Api(state, token)
+
+    def handle(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except ApiError as e:
+                return error_response(e.status, e.error, e.detail)
+            except Rejected as e:
+                return error_response(e.status, str(e))
+            except LbcError as e:  # the lock, the state directory: the node cannot change now
+                return error_response(503, str(e))
+            except Exception:  # noqa: BLE001 - the edge: log it whole, tell the client nothing internal
+                log.exception("%s %s failed", request.method, request.url.path)
+                return error_response(500, "internal error; see the admin log")
+        return endpoint
+
+    from lbc.admin.metrics import metrics_endpoint
+
+    routes = [
+        Route("/backends", handle(api.list_backends), methods=["GET"]),
+        Route("/backends", handle(api.add_backend), methods=["POST"]),
+        Route("/backends/{backend_id}", handle(api.remove_backend), methods=["DELETE"]),
+        Route("/backends/{backend_id}/health", handle(api.backend_health), methods=["GET"]),
+        Route("/config", handle(api.get_config), methods=["GET"]),
+        Route("/config/algorithm", handle(api.set_algorithm), methods=["PUT"]),
+        Route("/healthz", handle(api.healthz), methods=["GET"]),
+        Route("/metrics", handle(metrics_endpoint(api)), methods=["GET"]),
+    ]
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        return error_response(status, "no such endpoint" if status == 404 else "method not allowed")
+
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
