@@ -40,6 +40,7 @@ from lbc import hashing
 from lbc import table as tablemod
 
 MAC_BYTES = 16
+VERIFIED_CACHE = 65536  # cookie values remembered as verified, per pool and worker
 
 
 def _b64(data: bytes) -> bytes:
@@ -113,6 +114,8 @@ def set_cookie(name: str, value: bytes, max_age_s: int, secure: bool) -> bytes:
 def strip_cookie(head: bytes, name: bytes) -> bytes:
     """A request head without cookie `name` in its Cookie lines (a line
     left empty goes)."""
+    if name + b"=" not in head:
+        return head
     low = head.lower()
     out = []
     pos = 0
@@ -141,7 +144,7 @@ class Affinity:
     backends that take traffic change)."""
 
     __slots__ = ("pool", "mode", "cookie", "header", "ttl_s", "store", "signer", "store_prefix",
-                 "_for", "_shape", "_by_id", "_ring", "_owners")
+                 "_for", "_shape", "_by_id", "_ring", "_owners", "_verified")
 
     def __init__(self, pool: str, spec: tablemod.Sticky, secrets: Sequence[bytes]) -> None:
         self.pool = pool
@@ -157,6 +160,10 @@ class Affinity:
         self._by_id: dict[str, Member] = {}
         self._ring: tuple[int, ...] = ()
         self._owners: tuple[int, ...] = ()
+        # Cookie values already verified -> (backend id, expiry): a client sends the same value on
+        # every request, and the MAC is most of the cost. Dropped whole when full; rebuilt with the
+        # table (so with the secrets).
+        self._verified: dict[bytes, tuple[str, int]] = {}
 
     def _index(self, members: Sequence[Member]) -> None:
         if members is not self._for:
@@ -186,8 +193,14 @@ class Affinity:
         if not cookie_header:
             return None
         for value in cookie_values(cookie_header, self.cookie):
+            known = self._verified.get(value)
+            if known is not None and known[1] >= now:
+                return self.usable(members, known[0])
             backend_id = self.signer.verify(value, now)
             if backend_id is not None:
+                if len(self._verified) >= VERIFIED_CACHE:
+                    self._verified.clear()
+                self._verified[value] = (backend_id, int(value.split(b".")[1], 16))
                 return self.usable(members, backend_id)
         return None
 

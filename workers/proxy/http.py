@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING
 import httptools
 from lbc_workers.proxy import h1, tls
 from lbc_workers.proxy.chunked import ChunkedDecoder, ChunkError
-from lbc_workers.proxy.store import pick_remembered
+from lbc_workers.proxy.store import pick_remembered, remembered_here
 from lbc_workers.sticky import strip_cookie
 
 if TYPE_CHECKING:
@@ -519,6 +519,9 @@ class HttpClient(asyncio.Protocol):
             return pool.balancer.pick(pool.members, pool.key_for(req, self.peer) if pool.hash_key else None)
         if affinity.store is not None:
             store = self.worker.store(affinity.store)
+            backend = remembered_here(store, affinity, pool, key)
+            if backend is not None:
+                return backend
             if store.available():
                 self.worker.loop.create_task(self._remembered(pool, affinity, store, key))
                 return _LATER

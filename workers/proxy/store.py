@@ -8,6 +8,12 @@ request must not wait on a slow or dead Redis. After a failure the store is
 left alone for RETRY_AFTER_S, so while Redis is down requests cost nothing
 extra and fall back to the hash ring (workers/sticky.py), which every node
 computes alike; the failures are counted and logged once per outage.
+
+Each worker keeps what Redis answered for CACHE_S: a busy key costs one
+GETEX (which also restarts its ttl) per worker per CACHE_S instead of one
+per request, and the request does not wait at all on a hit. A mapping
+another node changes (only when its backend stopped taking traffic) is
+seen here within CACHE_S.
 """
 
 from __future__ import annotations
@@ -29,15 +35,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("lbc.worker")
 TIMEOUT_S = 0.1
 RETRY_AFTER_S = 1.0
+CACHE_S = 1.0
+CACHE_MAX = 100_000  # keys remembered per worker; dropped whole when full
 
 
 class RedisStore:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.client = aioredis.Redis.from_url(
+        # A blocking pool: a burst beyond its size waits (within the timeout) for a connection
+        # instead of failing at once.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S, retry=Retry(NoBackoff(), 0),
-            max_connections=64, health_check_interval=0)
+            max_connections=32, timeout=TIMEOUT_S, health_check_interval=0)
+        self.client = aioredis.Redis(connection_pool=pool)
+        self.cache: dict[bytes, tuple[str, float]] = {}
         self.down_until = 0.0
+        self.failed_at = 0.0
         self.errors = 0  # failed calls
         self.fallbacks = 0  # lookups not tried while the store was down
         self._writes: set[asyncio.Task] = set()
@@ -48,21 +61,38 @@ class RedisStore:
             return False
         return True
 
+    def cached(self, key: bytes) -> str | None:
+        hit = self.cache.get(key)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        return None
+
+    def _keep(self, key: bytes, backend_id: str) -> None:
+        if len(self.cache) >= CACHE_MAX:
+            self.cache.clear()
+        self.cache[key] = (backend_id, time.monotonic() + CACHE_S)
+
     async def lookup(self, key: bytes, ttl_s: int) -> str | None:
         """The backend id remembered for `key` (its ttl restarted), None when
         there is none; raises StoreDown when Redis did not answer in time."""
+        started = time.monotonic()
         try:
             value = await self.client.getex(key, ex=ttl_s)
         except (RedisError, OSError) as e:
             self._failed(e)
             raise StoreDown from e
-        if self.down_until:
+        if self.down_until and started > self.failed_at:  # not an answer to a call sent before the failure
             log.warning("sticky store %s answers again", self.url)
             self.down_until = 0.0
-        return value.decode(errors="replace") if value is not None else None
+        if value is None:
+            return None
+        backend_id = value.decode(errors="replace")
+        self._keep(key, backend_id)
+        return backend_id
 
     def remember(self, key: bytes, backend_id: str, ttl_s: int) -> None:
         """Record a mapping in the background: the request does not wait."""
+        self._keep(key, backend_id)
         task = asyncio.get_running_loop().create_task(self._set(key, backend_id, ttl_s))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
@@ -75,6 +105,7 @@ class RedisStore:
 
     def _failed(self, e: BaseException) -> None:
         self.errors += 1
+        self.failed_at = time.monotonic()
         if not self.down_until:
             log.warning("sticky store %s: %s; using the hash ring until it answers", self.url, e or type(e).__name__)
         self.down_until = time.monotonic() + RETRY_AFTER_S
@@ -85,6 +116,13 @@ class RedisStore:
 
 class StoreDown(Exception):
     """Redis failed or timed out: fall back to hashing."""
+
+
+def remembered_here(store: RedisStore, affinity: Affinity, pool: PoolRuntime, key: bytes) -> BackendRuntime | None:
+    """The backend this worker saw remembered for `key` within CACHE_S, if it
+    takes traffic and has room; None: ask Redis (pick_remembered)."""
+    backend_id = store.cached(affinity.store_key(key))
+    return affinity.usable(pool.members, backend_id) if backend_id is not None else None
 
 
 async def pick_remembered(store: RedisStore, affinity: Affinity, pool: PoolRuntime, key: bytes) -> BackendRuntime | None:

@@ -29,7 +29,7 @@ import asyncio
 import ssl
 from typing import TYPE_CHECKING
 
-from lbc_workers.proxy.store import pick_remembered
+from lbc_workers.proxy.store import pick_remembered, remembered_here
 
 if TYPE_CHECKING:
     from lbc_workers.proxy.router import BackendRuntime, ListenerRuntime, PoolRuntime
@@ -106,7 +106,12 @@ class TcpClient(asyncio.Protocol):
         affinity = pool.affinity  # source_ip stickiness: the only kind L4 has
         if affinity is not None and peer:
             key = peer[0].encode()
-            if affinity.store is not None and (store := self.worker.store(affinity.store)).available():
+            store = self.worker.store(affinity.store) if affinity.store is not None else None
+            backend = remembered_here(store, affinity, pool, key) if store is not None else None
+            if backend is not None:
+                self._begin(listener, backend, first)
+                return
+            if store is not None and store.available():
                 transport.pause_reading()
                 self.deadline = self.worker.now + listener.connect_s
                 self.worker.loop.create_task(self._remembered(listener, store, key, first))
