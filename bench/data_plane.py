@@ -416,11 +416,13 @@ class Lbc:
         self.workers, self.http_port, self.tcp_port, self.backends, self.pin = workers, http_port, tcp_port, backends, pin
         self.known: set[int] = set()
         self.bin = str(Path(sys.executable).parent / "lbc")
+        # Its own admin API port (the admin API and /metrics are on, as in production).
+        self.admin_port = free_ports(1)[0]
         self.started = False
 
     def config(self) -> str:
         lines = ["# Written by bench/data_plane.py: lbc with its product defaults.", "version: 1",
-                 f"global: {{workers: {self.workers}}}", "listeners:",
+                 self.global_line(), "listeners:",
                  "  - name: web", f'    bind: "{HOST}:{self.http_port}"', "    protocol: http",
                  "    routes:", "      - pool: nginx"]
         if self.tcp_port is not None:
@@ -428,6 +430,9 @@ class Lbc:
         lines += ["pools:", "  - name: nginx", "    algorithm: round_robin", "    backends:"]
         lines += [f"      - {{id: n{i + 1}, address: {HOST}, port: {p}}}" for i, p in enumerate(self.backends)]
         return "\n".join(lines) + "\n"
+
+    def global_line(self) -> str:
+        return f'global: {{workers: {self.workers}, admin: {{bind: "{HOST}:{self.admin_port}"}}}}'
 
     def command(self) -> str:
         return (f"taskset -c {PROXY_CPU} " if self.pin else "") + f"lbc up --state {self.state} pool.yaml"

@@ -28,10 +28,12 @@ pool of the same two NGINX backends; only the pool's `sticky` differs:
                 Set-Cookie in the response (checked before and after);
 - header:       `sticky: {mode: header, header: X-User}`: a hash ring on
                 the header's value, no shared state;
-- header+redis: the same with `store: redis://127.0.0.1:PORT/0`, one Redis
-                GETEX per request (redis-py asyncio) on a redis-server of
-                this run (`--save '' --appendonly no`, pinned to CPU 0,
-                stopped by PID at the end).
+- header+redis: the same with `store: redis://127.0.0.1:PORT/0` on a
+                redis-server of this run (`--save '' --appendonly no`,
+                pinned to CPU 0, stopped by PID at the end): a GETEX
+                (redis-py asyncio) per key and worker at most once a second
+                (workers/proxy/store.py); the report counts GETEX calls per
+                request.
 
 Every setup gets the same requests: the realistic headers plus an `X-User`
 header cycling over USERS users (a wrk Lua script builds one request per
@@ -227,7 +229,7 @@ class LbcSticky(dp.Lbc):
 
     def config(self) -> str:
         lines = ["# Written by bench/sticky.py: lbc with its product defaults.", "version: 1",
-                 "global: {workers: 1}", "listeners:",
+                 self.global_line(), "listeners:",
                  "  - name: web", f'    bind: "{HOST}:{self.http_port}"', "    protocol: http",
                  "    routes:", "      - pool: nginx",
                  "pools:", "  - name: nginx", "    algorithm: round_robin"]

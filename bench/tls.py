@@ -173,7 +173,7 @@ class LbcTls(dp.Lbc):
 
     def config(self) -> str:
         lines = ["# Written by bench/tls.py: lbc with its product defaults (TLS: Mozilla intermediate).",
-                 "version: 1", "global: {workers: 1}", "listeners:",
+                 "version: 1", self.global_line(), "listeners:",
                  "  - name: web", f'    bind: "{HOST}:{self.http_port}"', "    protocol: https",
                  "    tls:", "      certificates:", f"        - {{cert: {self.cert}, key: {self.key}}}",
                  "    routes:", "      - pool: nginx",

@@ -254,6 +254,13 @@ def down(
         typer.echo(service.down(StateDir(state), drain_timeout))
 
 
+@app.command("reopen-logs")
+def reopen_logs(state: StateOption = DEFAULT_STATE) -> None:
+    """Make every worker reopen its access log (after moving it aside, as logrotate does)."""
+    with _reported():
+        typer.echo(service.reopen_logs(StateDir(state)))
+
+
 @app.command()
 def status(
     state: StateOption = DEFAULT_STATE,

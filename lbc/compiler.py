@@ -17,6 +17,7 @@ What compiling decides, so that workers do not have to:
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ from lbc.table import (
     FORMAT,
     HASH_NAME,
     HASHING,
+    AccessLog,
     Admin,
     Backend,
     Certificate,
@@ -55,7 +57,8 @@ def compile_config(config: Config) -> RoutingTable:
     return RoutingTable(
         format=FORMAT,
         hash=HASH_NAME,
-        settings=Settings(workers=glob.get("workers"), drain_timeout_ms=drain_ms, admin=_admin(glob["admin"], config)),
+        settings=Settings(workers=glob.get("workers"), drain_timeout_ms=drain_ms, admin=_admin(glob["admin"], config),
+                          access_log=_access_log(glob["access_log"], config)),
         listeners=tuple(sorted((_listener(x, config) for x in tree["listeners"]), key=lambda x: x.name)),
         pools=tuple(sorted((_pool(p, config, drain_ms) for p in tree["pools"]), key=lambda p: p.name)),
     )
@@ -162,6 +165,15 @@ def _pool(p: Tree, config: Config, global_drain_ms: int) -> Pool:
         backends=tuple(_backend(b) for b in p["backends"]),
         set_by_api=(),
     )
+
+
+def _access_log(a: Tree, config: Config) -> AccessLog | None:
+    if not a["enabled"]:
+        return None
+    directory = a.get("directory")
+    if directory is not None:  # relative to the config file, as every path in it (string work, no I/O)
+        directory = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(config.source)), directory))
+    return AccessLog(format=a["format"], directory=directory)
 
 
 def _admin(a: Tree, config: Config) -> Admin | None:

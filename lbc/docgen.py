@@ -23,6 +23,7 @@ SECTIONS = (
     ("Top level", "#"),
     ("global", "#/$defs/global"),
     ("global.admin", "#/$defs/admin"),
+    ("global.access_log", "#/$defs/access_log"),
     ("listeners[]", "#/$defs/listener"),
     ("listeners[].routes[]", "#/$defs/route"),
     ("listeners[].routes[].match", "#/$defs/match"),

@@ -423,6 +423,14 @@ def wait_foreground(state: StateDir, result: UpResult) -> int:
             signal.signal(s, handler)
 
 
+def reopen_logs(state: StateDir) -> str:
+    node = Node(state)
+    if not node.running():
+        raise LbcError(f"lbc is not running for {state.root}")
+    node.signal_workers("USR1", checker=False)
+    return "workers reopen their access logs"
+
+
 def down(state: StateDir, drain_timeout: float | None) -> str:
     """Stop accepting, let in-flight requests finish (up to the drain
     timeout), stop the workers and supervisord."""

@@ -147,11 +147,11 @@ class Node:
     def workers(self) -> list[Process]:
         return sorted((p for p in self.processes() if p.slot is not None), key=lambda p: p.slot)
 
-    def signal_workers(self, sig: str = "HUP") -> None:
-        """Signal every worker and the health checker (both read `current`)."""
+    def signal_workers(self, sig: str = "HUP", checker: bool = True) -> None:
+        """Signal every worker and (with `checker`) the health checker (both read `current`)."""
         rpc = self._rpc()
         for p in self.processes():
-            if (p.slot is not None or p.name == HEALTH) and p.state in ("RUNNING", "STARTING"):
+            if (p.slot is not None or (checker and p.name == HEALTH)) and p.state in ("RUNNING", "STARTING"):
                 with contextlib.suppress(SupervisorError):  # it may exit meanwhile; the ack wait reports it
                     rpc.supervisor.signalProcess(f"{p.name}:{p.name}", sig)
 

@@ -272,10 +272,20 @@ class Admin:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessLog:
+    format: str  # combined, json
+    directory: str | None  # None: the state directory's run/
+
+    def __post_init__(self) -> None:
+        _require(self.format in ("combined", "json"), f"unknown access log format {self.format!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     workers: int | None  # None: as many as the machine has CPUs
     drain_timeout_ms: int
     admin: Admin | None  # None: no admin API
+    access_log: AccessLog | None  # None: off
 
 
 @dataclass(frozen=True, slots=True)

@@ -187,7 +187,7 @@ class HttpClient(asyncio.Protocol):
         "paused", "closing", "eof", "req", "pool", "backend", "up", "reused", "attempts", "pending",
         "pending_bytes", "body_left", "chunks", "req_done", "resp", "resp_buf", "resp_started",
         "resp_left", "resp_end", "resp_bytes", "router", "tunnel_eof", "in_heads", "more", "head_cb", "tried",
-        "conn_headers", "is_tls", "set_cookie", "sent_at",
+        "conn_headers", "is_tls", "set_cookie", "sent_at", "t0", "status", "ut", "route_i",
     )
 
     def __init__(self, worker: Worker, key) -> None:
@@ -217,6 +217,9 @@ class HttpClient(asyncio.Protocol):
         self.pending = []
         self.chunks = None
         self.set_cookie = b""  # a stickiness cookie for this request's response
+        self.t0 = self.ut = 0.0
+        self.status = 0
+        self.route_i = -1
 
     # -- asyncio callbacks: client side ---------------------------------------
 
@@ -389,6 +392,9 @@ class HttpClient(asyncio.Protocol):
         worker.requests += 1
         self.req = req
         self.router = router
+        self.t0 = time.monotonic()
+        self.ut = -1.0
+        self.route_i = -1
         if not req.keep_alive:
             self.closing = True
         framing = req.framing
@@ -411,11 +417,12 @@ class HttpClient(asyncio.Protocol):
         if listener.spec.redirect_https:
             self._redirect(req, listener.spec.redirect_https)
             return
-        pool = listener.route(req)
-        if pool is None:
+        route = listener.route(req)
+        if route is None:
             self._respond_error(404)
             return
-        self.pool = pool
+        self.route_i = route.index
+        self.pool = route.pool
         self.state = CONNECTING
         self.deadline = worker.now + listener.connect_s + listener.response_s
         self.deadline_status = 504
@@ -666,7 +673,9 @@ class HttpClient(asyncio.Protocol):
                 continue
             break
         self.resp_buf = b""
-        self.backend.timed_response(time.monotonic() - self.sent_at, buf[9])
+        self.ut = time.monotonic() - self.sent_at
+        self.status = int(buf[9:12]) if buf[9:12].isdigit() else 0
+        self.backend.timed_response(self.ut, buf[9])
         self.worker.dirty.add(self.backend)
         req = self.req
         if len(buf) - end - 4 == h1.plain_response_length(buf[: end + 4], req.method, self.listener.response_rules) \
@@ -709,6 +718,8 @@ class HttpClient(asyncio.Protocol):
         head = h1.lower_response(resp, self.listener.response_rules, connection, self.set_cookie)
         if resp.upgrade:
             self.transport.write(head + rest)
+            if self.worker.access_log is not None:
+                self._log(101, len(head) + len(rest))
             self.state = TUNNEL
             self.deadline = self.worker.now + self.listener.idle_s
             self.deadline_status = 0
@@ -811,6 +822,8 @@ class HttpClient(asyncio.Protocol):
                 up.transport.abort()
 
     def _response_done(self) -> None:
+        if self.worker.access_log is not None:
+            self._log(self.status, self.resp_bytes)
         up = self.up
         self.up = None
         if up is not None:
@@ -871,12 +884,28 @@ class HttpClient(asyncio.Protocol):
         rid = req.request_id if req is not None else b""
         # Unread request body bytes would be taken for the next request: close.
         close = close or self.closing or self.eof or (req is not None and not self.req_done)
-        self.transport.write(h1.error_response(status, close, rid))
+        response = h1.error_response(status, close, rid)
+        self.transport.write(response)
+        if self.worker.access_log is not None:
+            self._log(status, len(response))
         if close:
             self.state = CLOSED
             self.transport.close()
         else:
             self._next_request()
+
+    def _log(self, status: int, sent: int) -> None:
+        req = self.req
+        listener = self.listener
+        backend = self.backend
+        router = self.router if req is not None else self.worker.router
+        pool = self.pool if self.route_i >= 0 else None
+        self.worker.access_log.request(
+            self.peer, req.method if req else b"-", req.target if req else b"-", req.version if req else b"1.1",
+            status, sent, req.header(b"referer") if req else None, req.header(b"user-agent") if req else None,
+            listener.spec.name if listener else "-", self.route_i, pool.name if pool else "",
+            backend.id if backend else "", time.monotonic() - self.t0 if req else 0.0,
+            self.ut if self.ut >= 0 else None, router.version if router else "", req.request_id if req else b"")
 
     def on_timeout(self) -> None:
         """The sweep found this connection past its deadline."""

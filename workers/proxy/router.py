@@ -197,11 +197,12 @@ def cookie_value(header: bytes, name: bytes) -> bytes | None:
 
 
 class CompiledRoute:
-    __slots__ = ("host", "suffix", "prefix", "regex", "methods", "headers", "pool", "simple")
+    __slots__ = ("host", "suffix", "prefix", "regex", "methods", "headers", "pool", "simple", "index")
 
-    def __init__(self, spec: tablemod.Route, pool: PoolRuntime) -> None:
+    def __init__(self, spec: tablemod.Route, pool: PoolRuntime, index: int = 0) -> None:
         m = spec.match
         self.pool = pool
+        self.index = index  # its place in the listener's routes (access logs)
         self.host = self.suffix = self.prefix = self.regex = None
         self.methods: frozenset[bytes] = frozenset()
         self.headers: tuple[tuple[bytes, bytes], ...] = ()
@@ -257,7 +258,7 @@ class ListenerRuntime:
         self.name = spec.name
         self.key = spec.socket_key
         self.protocol = spec.protocol
-        self.routes = tuple(CompiledRoute(r, pools[r.pool]) for r in spec.routes)
+        self.routes = tuple(CompiledRoute(r, pools[r.pool], i) for i, r in enumerate(spec.routes))
         self.pool = pools[spec.pool] if spec.pool else None
         t = spec.timeouts
         self.idle_s = t.idle_ms / 1000
@@ -287,13 +288,13 @@ class ListenerRuntime:
             add_names=tuple(n.encode() for n, _ in response_add),
         )
 
-    def route(self, req: Request) -> PoolRuntime | None:
+    def route(self, req: Request) -> CompiledRoute | None:
         for r in self.routes:
             # Conditions inline (a route is usually a prefix, or nothing).
             if r.prefix is not None and not req.path.startswith(r.prefix):
                 continue
             if r.simple or r.matches(req):
-                return r.pool
+                return r
         return None
 
     def route_sni(self, name: bytes | None) -> PoolRuntime | None:

@@ -42,6 +42,7 @@ from collections import deque
 from pathlib import Path
 
 from lbc_workers.proxy import tls
+from lbc_workers.proxy.accesslog import AccessLog
 from lbc_workers.proxy.http import HttpClient
 from lbc_workers.proxy.passthrough import PassthroughClient
 from lbc_workers.proxy.router import BackendRuntime, BindKey, PoolRuntime, Router
@@ -74,6 +75,8 @@ class Worker:
         self.retired: dict[str, BackendRuntime] = {}  # draining backends by identity
         self.waiters: dict[str, deque] = {}  # pool name -> clients waiting for a free backend
         self.stores: dict[str, RedisStore] = {}  # sticky stores by URL, kept across reloads
+        self.access_log: AccessLog | None = None
+        self.access_log_settings: object = None  # what it was opened with
         self.draining = False
         self.requests = 0
         self.connections_opened = 0
@@ -161,6 +164,7 @@ class Worker:
             self._report(attempted=version, error=message)
             return
         old, self.router = self.router, router
+        self._follow_access_log(table.settings.access_log)
         for server in replaced.values():
             server.close()  # its connections go on; new ones reach the new socket
         if old is not None:
@@ -171,6 +175,28 @@ class Worker:
         log.info("serving table %s", version[:12])
         gc.collect()
         gc.freeze()  # the router lives long: keep it out of the collector's way
+
+    def _follow_access_log(self, settings) -> None:
+        if settings == self.access_log_settings:
+            return
+        if self.access_log is not None:
+            self.access_log.close()
+            self.access_log = None
+        self.access_log_settings = settings
+        if settings is not None:
+            directory = Path(settings.directory) if settings.directory else self.state.run
+            try:
+                self.access_log = AccessLog(directory / f"access-{self.slot}.log", settings.format)
+            except OSError as e:  # the table is served; say why nothing is logged
+                log.error("cannot open the access log in %s: %s", directory, e.strerror)
+
+    def reopen_logs(self) -> None:
+        if self.access_log is not None:
+            try:
+                self.access_log.reopen()
+            except OSError as e:
+                log.error("cannot reopen %s: %s; access logging stops", self.access_log.path, e.strerror)
+                self.access_log = None
 
     def _report(self, attempted: str, error: str, version: str | None = None) -> None:
         fields: dict[str, object] = {"attempted": attempted, "error": error, "heartbeat": time.time()}
@@ -332,6 +358,8 @@ class Worker:
         for backend in self.dirty:
             write(backend.slot, *backend.counters())
         self.dirty.clear()
+        if self.access_log is not None:
+            self.access_log.flush()
         self.shm.write_worker(self.slot, heartbeat=time.time(), connections=len(self.clients), requests=self.requests,
                               reloads_ok=self.reloads_ok, reloads_failed=self.reloads_failed, rejected=self.rejected,
                               store_errors=sum(s.errors for s in self.stores.values()))
@@ -367,6 +395,9 @@ class Worker:
             if transport is not None:
                 transport.abort()
         self.publish()
+        if self.access_log is not None:
+            self.access_log.close()
+            self.access_log = None
         self.stopped.set()
 
 
@@ -405,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(worker.reload()))
     loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(worker.shutdown()))
     loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(worker.shutdown()))
+    loop.add_signal_handler(signal.SIGUSR1, worker.reopen_logs)
 
     async def run() -> None:
         await worker.reload()
