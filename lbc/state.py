@@ -271,10 +271,13 @@ class StateDir:
         self._atomic_write(self.root, "current", f"{version}\n".encode(), "current")
 
     def _allocate_slots(self, table: RoutingTable) -> None:
-        """Give every backend of the table a slot, keeping existing ones, so
-        counters and balancer state follow a backend across tables."""
+        """Give every backend (and HTTP listener) of the table a slot, keeping
+        existing ones, so counters and balancer state follow a backend across
+        tables."""
         slots = self.slots()
-        fresh = [k for k in (slot_key(p.name, b) for p in table.pools for b in p.backends) if k not in slots]
+        keys = [slot_key(p.name, b) for p in table.pools for b in p.backends]
+        keys += [listener_key(x.name) for x in table.listeners if x.protocol in ("http", "https")]
+        fresh = [k for k in keys if k not in slots]
         if not fresh:
             return
         used = set(slots.values())
@@ -342,6 +345,11 @@ class StateDir:
 
 def slot_key(pool: str, backend: tablemod.Backend) -> str:
     return f"{pool}\x00{backend.id}\x00{backend.address}\x00{backend.port}"
+
+
+def listener_key(name: str) -> str:
+    """An HTTP listener's counters share the backends' slot space and record shape."""
+    return f"\x01listener\x00{name}"
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -251,6 +251,8 @@ def test_metrics_match_the_requests_sent(stack, ip):
     def delta(name, **labels):
         return after.get((name, tuple(sorted(labels.items()))), 0) - before.get((name, tuple(sorted(labels.items()))), 0)
 
+    assert delta("lbc_listener_responses_total", listener="web", code_class="2xx") == 42
+    assert delta("lbc_listener_request_seconds_count", listener="web") == 42
     assert delta("lbc_backend_requests_total", pool="web", backend="a") == 37
     assert delta("lbc_backend_responses_total", pool="web", backend="a", code_class="2xx") == 37
     assert delta("lbc_backend_requests_total", pool="app", backend="app-1") == 5

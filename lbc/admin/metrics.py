@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from lbc import shm
-from lbc.state import StateDir, slot_key
+from lbc.state import StateDir, listener_key, slot_key
 from lbc.supervise import Node
 from lbc.watch import FAILED
 
@@ -63,6 +63,13 @@ class NodeCollector(Collector):
         rejected = CounterMetricFamily("lbc_requests_rejected", "Client requests refused as malformed or over limits.")
         store = CounterMetricFamily("lbc_sticky_store_errors", "Sticky store (Redis) calls that failed or timed out.")
         served = InfoMetricFamily("lbc_worker_table", "The table version each worker serves.", labels=["worker"])
+        answered = CounterMetricFamily("lbc_listener_responses", "Responses sent to clients by HTTP listeners, by "
+                                       "status class (lbc's own errors and redirects included).",
+                                       labels=["listener", "code_class"])
+        sent = CounterMetricFamily("lbc_listener_sent_bytes", "Bytes of responses sent by HTTP listeners.",
+                                   labels=["listener"])
+        request_time = HistogramMetricFamily("lbc_listener_request_seconds",
+                                             "Time from a request head to the end of its response.", labels=["listener"])
         if table is not None and workers and node.shm_file.exists():
             memory = shm.Shm(node.shm_file)
             try:
@@ -78,6 +85,15 @@ class NodeCollector(Collector):
                 reloads.add_metric(["failed"], failed)
                 rejected.add_metric([], bad)
                 store.add_metric([], store_errors)
+                for x in table.listeners:
+                    slot = slots.get(listener_key(x.name))
+                    if slot is None or x.protocol not in ("http", "https"):
+                        continue
+                    c = memory.backend_totals(slot, ids)
+                    for name, n in zip(CLASSES, c.by_class, strict=True):
+                        answered.add_metric([x.name, name], n)
+                    sent.add_metric([x.name], c.bytes_out)
+                    request_time.add_metric([x.name], _buckets(c), c.latency_sum_s)
                 for pool in table.pools:
                     for backend in pool.backends:
                         slot = slots[slot_key(pool.name, backend)]
@@ -92,11 +108,7 @@ class NodeCollector(Collector):
                         bytes_in.add_metric(labels, c.bytes_in)
                         bytes_out.add_metric(labels, c.bytes_out)
                         active.add_metric(labels, c.active)
-                        cumulative, buckets = 0, []
-                        for bound, n in zip((*map(str, shm.LATENCY_BOUNDS), "+Inf"), c.buckets, strict=True):
-                            cumulative += n
-                            buckets.append((bound, cumulative))
-                        latency.add_metric(labels, buckets, c.latency_sum_s)
+                        latency.add_metric(labels, _buckets(c), c.latency_sum_s)
                         if pool.health_check is not None:
                             h = memory.read_health(slot)
                             for code, name in HEALTH.items():
@@ -104,8 +116,8 @@ class NodeCollector(Collector):
                             check_failures.add_metric(labels, h.failed_total)
             finally:
                 memory.close()
-        yield from (requests, responses, failures, retries, ejections, bytes_in, bytes_out, active, latency, health,
-                    check_failures, reloads, rejected, store, served)
+        yield from (answered, sent, request_time, requests, responses, failures, retries, ejections, bytes_in, bytes_out,
+                    active, latency, health, check_failures, reloads, rejected, store, served)
         watch = self.state.watch_status()
         if watch is not None:
             yield GaugeMetricFamily("lbc_config_valid", "0 while the watched file's intent is not live (invalid, held, "
@@ -114,6 +126,14 @@ class NodeCollector(Collector):
                                       value=watch.get("failures", 0))
         yield GaugeMetricFamily("lbc_up", "1 when a table is live and workers run.",
                                 value=1.0 if version and workers else 0.0)
+
+
+def _buckets(c: shm.BackendCounters) -> list[tuple[str, int]]:
+    cumulative, out = 0, []
+    for bound, n in zip((*map(str, shm.LATENCY_BOUNDS), "+Inf"), c.buckets, strict=True):
+        cumulative += n
+        out.append((bound, cumulative))
+    return out
 
 
 def metrics_endpoint(api: Api) -> Callable[[Request], Awaitable[Response]]:

@@ -33,13 +33,26 @@ import time
 from pathlib import Path
 
 BUFFER = 64 * 1024
+_LINE = b'%s - - [%s] "%s" %d %d "%s" "%s" %s backend=%s rt=%.4f ut=%.4f v=%s id=%s\n'
+_LINE_NO_UPSTREAM = b'%s - - [%s] "%s" %d %d "%s" "%s" %s backend=%s rt=%.4f ut=- v=%s id=%s\n'
 _UNSAFE = re.compile(rb'[^\x20-\x21\x23-\x5b\x5d-\x7e]')  # not printable ASCII, or " or \
 
 
 def _escape(value: bytes) -> bytes:
-    if _UNSAFE.search(value) is None:
+    # A few C scans first: llhttp already refused control bytes other than tab.
+    if value.isascii() and b'"' not in value and b"\\" not in value and b"\t" not in value:
         return value
     return _UNSAFE.sub(lambda m: b"\\x%02X" % m.group()[0], value)
+
+
+class Where:
+    """Where a request went, as its log lines say it; built once per route."""
+
+    __slots__ = ("listener", "route", "pool", "text")
+
+    def __init__(self, listener: str, route: int, pool: str | None) -> None:
+        self.listener, self.route, self.pool = listener, route, pool
+        self.text = f"listener={listener} route={route} pool={pool or '-'}".encode()
 
 
 class AccessLog:
@@ -51,15 +64,18 @@ class AccessLog:
         self._version = ""
         self._version_b = b""
         self.file = self._open()
+        self.write = self.file.write
 
     def _open(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         return open(fd, "ab", buffering=BUFFER)
 
-    def request(self, client: bytes, method: bytes, target: bytes, http_version: bytes, status: int, sent: int,
-                referer: bytes | None, agent: bytes | None, listener: str, route: int, pool: str, backend: str,
-                request_s: float, upstream_s: float | None, table_version: str, request_id: bytes) -> None:
+    def request(self, client: bytes, request_line: bytes, status: int, sent: int, referer: bytes | None,
+                agent: bytes | None, where: Where, backend: bytes, request_s: float, upstream_s: float | None,
+                table_version: str, request_id: bytes) -> None:
+        """One line. `where` names the listener, route and pool (prebuilt
+        per route: most of a line is the same for every request of a route)."""
         now = time.time()
         second = int(now)
         if second != self._second:
@@ -68,24 +84,31 @@ class AccessLog:
         if table_version != self._version:
             self._version, self._version_b = table_version, table_version[:12].encode()
         if self.json:
+            method, _, rest = request_line.partition(b" ")
+            target, _, protocol = rest.rpartition(b" ")
             self.file.write(json.dumps({
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
                 "client": client.decode(), "method": method.decode("latin-1"), "target": target.decode("latin-1"),
-                "protocol": "HTTP/" + http_version.decode(), "status": status, "bytes": sent,
+                "protocol": protocol.decode("latin-1"), "status": status, "bytes": sent,
                 "referer": referer.decode("latin-1") if referer else None,
-                "user_agent": agent.decode("latin-1") if agent else None, "listener": listener, "route": route,
-                "pool": pool or None, "backend": backend or None, "request_time": round(request_s, 6),
+                "user_agent": agent.decode("latin-1") if agent else None, "listener": where.listener,
+                "route": where.route, "pool": where.pool, "backend": backend.decode() if backend != b"-" else None,
+                "request_time": round(request_s, 6),
                 "upstream_time": round(upstream_s, 6) if upstream_s is not None else None,
                 "table": self._version, "request_id": request_id.decode("latin-1"),
             }, separators=(",", ":")).encode() + b"\n")
             return
-        self.file.write(
-            b'%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s" listener=%s route=%d pool=%s backend=%s rt=%.4f ut=%s '
-            b"v=%s id=%s\n" % (
-                client, self._stamp, _escape(method), _escape(target), http_version, status, sent,
-                _escape(referer) if referer else b"-", _escape(agent) if agent else b"-", listener.encode(), route,
-                pool.encode() if pool else b"-", backend.encode() if backend else b"-", request_s,
-                b"%.4f" % upstream_s if upstream_s is not None else b"-", self._version_b, request_id or b"-"))
+        referer = referer or b"-"
+        agent = agent or b"-"
+        joined = request_line + referer + agent  # one check for the three (almost always clean)
+        if not joined.isascii() or b'"' in joined or b"\\" in joined or b"\t" in joined:
+            request_line, referer, agent = _escape(request_line), _escape(referer), _escape(agent)
+        if upstream_s is None:
+            self.write(_LINE_NO_UPSTREAM % (client, self._stamp, request_line, status, sent, referer, agent, where.text,
+                                            backend, request_s, self._version_b, request_id or b"-"))
+        else:
+            self.write(_LINE % (client, self._stamp, request_line, status, sent, referer, agent, where.text, backend,
+                                request_s, upstream_s, self._version_b, request_id or b"-"))
 
     def flush(self) -> None:
         self.file.flush()
@@ -94,6 +117,7 @@ class AccessLog:
         """After rotation: the old file is flushed and closed, the path opened anew."""
         self.file.close()
         self.file = self._open()
+        self.write = self.file.write
 
     def close(self) -> None:
         self.file.close()

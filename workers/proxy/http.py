@@ -56,12 +56,13 @@ from typing import TYPE_CHECKING
 
 import httptools
 from lbc_workers.proxy import h1, tls
+from lbc_workers.proxy.accesslog import Where
 from lbc_workers.proxy.chunked import ChunkedDecoder, ChunkError
 from lbc_workers.proxy.store import pick_remembered, remembered_here
 from lbc_workers.sticky import strip_cookie
 
 if TYPE_CHECKING:
-    from lbc_workers.proxy.router import BackendRuntime, ListenerRuntime, PoolRuntime
+    from lbc_workers.proxy.router import BackendRuntime, CompiledRoute, ListenerRuntime, PoolRuntime
     from lbc_workers.proxy.worker import Worker
     from lbc_workers.sticky import Affinity
 
@@ -73,6 +74,7 @@ MAX_IDLE_PER_BACKEND = 64
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 # What a plain response (h1.plain_response_length) leaves for the rest of the cycle: only read.
 _LATER = object()  # a pick that waits on the sticky store
+_NOWHERE = Where("-", -1, None)
 _PLAIN = h1.Response(200, h1.LENGTH, 0, True, False, b"", {}, (), b"keep-alive")
 
 
@@ -187,7 +189,7 @@ class HttpClient(asyncio.Protocol):
         "paused", "closing", "eof", "req", "pool", "backend", "up", "reused", "attempts", "pending",
         "pending_bytes", "body_left", "chunks", "req_done", "resp", "resp_buf", "resp_started",
         "resp_left", "resp_end", "resp_bytes", "router", "tunnel_eof", "in_heads", "more", "head_cb", "tried",
-        "conn_headers", "is_tls", "set_cookie", "sent_at", "t0", "status", "ut", "route_i",
+        "conn_headers", "is_tls", "set_cookie", "sent_at", "t0", "status", "ut", "route",
     )
 
     def __init__(self, worker: Worker, key) -> None:
@@ -219,7 +221,7 @@ class HttpClient(asyncio.Protocol):
         self.set_cookie = b""  # a stickiness cookie for this request's response
         self.t0 = self.ut = 0.0
         self.status = 0
-        self.route_i = -1
+        self.route: CompiledRoute | None = None
 
     # -- asyncio callbacks: client side ---------------------------------------
 
@@ -394,7 +396,7 @@ class HttpClient(asyncio.Protocol):
         self.router = router
         self.t0 = time.monotonic()
         self.ut = -1.0
-        self.route_i = -1
+        self.route = None
         if not req.keep_alive:
             self.closing = True
         framing = req.framing
@@ -421,7 +423,7 @@ class HttpClient(asyncio.Protocol):
         if route is None:
             self._respond_error(404)
             return
-        self.route_i = route.index
+        self.route = route
         self.pool = route.pool
         self.state = CONNECTING
         self.deadline = worker.now + listener.connect_s + listener.response_s
@@ -440,8 +442,10 @@ class HttpClient(asyncio.Protocol):
         authority = host if port == 443 else host + b":%d" % port
         location = b"https://" + authority + req.target
         close = not req.keep_alive or not self.req_done
-        self.transport.write(b"HTTP/1.1 301 Moved Permanently\r\nLocation: " + location +
-                             b"\r\nContent-Length: 0\r\n" + (b"Connection: close\r\n" if close else b"") + b"\r\n")
+        response = (b"HTTP/1.1 301 Moved Permanently\r\nLocation: " + location +
+                    b"\r\nContent-Length: 0\r\n" + (b"Connection: close\r\n" if close else b"") + b"\r\n")
+        self.transport.write(response)
+        self._answered(301, len(response))
         if close:
             self.state = CLOSED
             self.transport.close()
@@ -718,8 +722,7 @@ class HttpClient(asyncio.Protocol):
         head = h1.lower_response(resp, self.listener.response_rules, connection, self.set_cookie)
         if resp.upgrade:
             self.transport.write(head + rest)
-            if self.worker.access_log is not None:
-                self._log(101, len(head) + len(rest))
+            self._answered(101, len(head) + len(rest))
             self.state = TUNNEL
             self.deadline = self.worker.now + self.listener.idle_s
             self.deadline_status = 0
@@ -822,8 +825,7 @@ class HttpClient(asyncio.Protocol):
                 up.transport.abort()
 
     def _response_done(self) -> None:
-        if self.worker.access_log is not None:
-            self._log(self.status, self.resp_bytes)
+        self._answered(self.status, self.resp_bytes)
         up = self.up
         self.up = None
         if up is not None:
@@ -886,26 +888,36 @@ class HttpClient(asyncio.Protocol):
         close = close or self.closing or self.eof or (req is not None and not self.req_done)
         response = h1.error_response(status, close, rid)
         self.transport.write(response)
-        if self.worker.access_log is not None:
-            self._log(status, len(response))
+        self._answered(status, len(response))
         if close:
             self.state = CLOSED
             self.transport.close()
         else:
             self._next_request()
 
+    def _answered(self, status: int, sent: int) -> None:
+        """A response went to the client: count it for its listener, log it."""
+        stats = self.listener.stats if self.listener is not None else None
+        if stats is not None:
+            stats.answered(status, sent, time.monotonic() - self.t0 if self.req is not None else 0.0)
+            self.worker.dirty.add(stats)
+        if self.worker.access_log is not None:
+            self._log(status, sent)
+
     def _log(self, status: int, sent: int) -> None:
         req = self.req
-        listener = self.listener
         backend = self.backend
-        router = self.router if req is not None else self.worker.router
-        pool = self.pool if self.route_i >= 0 else None
+        where = self.route.where if self.route is not None else (
+            self.listener.nowhere if self.listener is not None else _NOWHERE)
+        if req is None:  # refused before it was a request (malformed, too large)
+            self.worker.access_log.request(self.peer, b"-", status, sent, None, None, where, b"-", 0.0, None,
+                                           self.worker.router.version if self.worker.router else "", b"")
+            return
+        raw = req.raw
         self.worker.access_log.request(
-            self.peer, req.method if req else b"-", req.target if req else b"-", req.version if req else b"1.1",
-            status, sent, req.header(b"referer") if req else None, req.header(b"user-agent") if req else None,
-            listener.spec.name if listener else "-", self.route_i, pool.name if pool else "",
-            backend.id if backend else "", time.monotonic() - self.t0 if req else 0.0,
-            self.ut if self.ut >= 0 else None, router.version if router else "", req.request_id if req else b"")
+            self.peer, raw[: raw.find(b"\r\n")], status, sent, req.header(b"referer"), req.header(b"user-agent"),
+            where, backend.log_id if backend else b"-", time.monotonic() - self.t0, self.ut if self.ut >= 0 else None,
+            self.router.version, req.request_id)
 
     def on_timeout(self) -> None:
         """The sweep found this connection past its deadline."""

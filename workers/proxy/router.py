@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lbc_workers import balance
 from lbc_workers.health.machine import HEALTHY, UNHEALTHY, eligible
+from lbc_workers.proxy.accesslog import Where
 from lbc_workers.proxy.h1 import HeadRules, Request, ResponseRules
 from lbc_workers.proxy.tls import CertificateChooser, client_context
 from lbc_workers.sticky import Affinity
@@ -28,7 +29,7 @@ from lbc_workers.sticky import Affinity
 from lbc import table as tablemod
 from lbc.config.addresses import address_kind
 from lbc.shm import LATENCY_BOUNDS
-from lbc.state import slot_key
+from lbc.state import listener_key, slot_key
 
 BindKey = tuple[str, str, int]  # transport ("tcp" or "udp"), host, port: Listener.socket_key
 
@@ -40,13 +41,14 @@ class BackendRuntime:
         "active", "swrr", "requests", "failures", "bytes_in", "bytes_out",
         "idle", "conns", "removed_at", "drain_ms", "connect_address", "hostname",
         "outlier", "consecutive_failures", "ejected_until", "ejections", "unhealthy", "checked_state",
-        "by_class", "retries", "ejected_total", "latency_us", "timed", "buckets",
+        "by_class", "retries", "ejected_total", "latency_us", "timed", "buckets", "log_id",
     )
 
     def __init__(self, key: str, pool: str, spec: tablemod.Backend, slot: int) -> None:
         self.key = key
         self.pool = pool
         self.id = spec.id
+        self.log_id = spec.id.encode()  # as access logs write it
         self.address = spec.address
         self.port = spec.port
         self.slot = slot
@@ -98,6 +100,32 @@ class BackendRuntime:
         self.latency_us += int(seconds * 1e6)
         self.timed += 1
         self.buckets[bisect_left(LATENCY_BOUNDS, seconds)] += 1
+
+
+class ListenerStats:
+    """An HTTP listener's answers, in lbc.shm.BACKEND's record shape:
+    requests, bytes sent, responses by status class, and the time from the
+    request head to the end of the response."""
+
+    __slots__ = ("slot", "requests", "sent", "by_class", "latency_us", "timed", "buckets")
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.requests = self.sent = self.latency_us = self.timed = 0
+        self.by_class = [0, 0, 0, 0, 0]
+        self.buckets = [0] * (len(LATENCY_BOUNDS) + 1)
+
+    def answered(self, status: int, sent: int, seconds: float) -> None:
+        self.requests += 1
+        self.sent += sent
+        if 100 <= status < 600:
+            self.by_class[status // 100 - 1] += 1
+        self.latency_us += int(seconds * 1e6)
+        self.timed += 1
+        self.buckets[bisect_left(LATENCY_BOUNDS, seconds)] += 1
+
+    def counters(self) -> tuple[int, ...]:
+        return (0, self.requests, 0, 0, self.sent, *self.by_class, 0, 0, self.latency_us, self.timed, *self.buckets)
 
 
 class PoolRuntime:
@@ -197,12 +225,13 @@ def cookie_value(header: bytes, name: bytes) -> bytes | None:
 
 
 class CompiledRoute:
-    __slots__ = ("host", "suffix", "prefix", "regex", "methods", "headers", "pool", "simple", "index")
+    __slots__ = ("host", "suffix", "prefix", "regex", "methods", "headers", "pool", "simple", "index", "where")
 
-    def __init__(self, spec: tablemod.Route, pool: PoolRuntime, index: int = 0) -> None:
+    def __init__(self, spec: tablemod.Route, pool: PoolRuntime, index: int = 0, listener: str = "") -> None:
         m = spec.match
         self.pool = pool
-        self.index = index  # its place in the listener's routes (access logs)
+        self.index = index  # its place in the listener's routes
+        self.where = Where(listener, index, pool.name)  # for access logs
         self.host = self.suffix = self.prefix = self.regex = None
         self.methods: frozenset[bytes] = frozenset()
         self.headers: tuple[tuple[bytes, bytes], ...] = ()
@@ -251,14 +280,17 @@ class CompiledRoute:
 
 class ListenerRuntime:
     __slots__ = ("spec", "name", "key", "protocol", "routes", "pool", "rules", "response_rules",
-                 "idle_s", "header_s", "connect_s", "response_s", "certificates", "subject_header")
+                 "idle_s", "header_s", "connect_s", "response_s", "certificates", "subject_header", "stats", "nowhere")
 
-    def __init__(self, spec: tablemod.Listener, pools: dict[str, PoolRuntime], secrets: Path) -> None:
+    def __init__(self, spec: tablemod.Listener, pools: dict[str, PoolRuntime], secrets: Path,
+                 stats: ListenerStats | None = None) -> None:
         self.spec = spec
+        self.stats = stats  # HTTP listeners: requests answered, for /metrics
         self.name = spec.name
         self.key = spec.socket_key
         self.protocol = spec.protocol
-        self.routes = tuple(CompiledRoute(r, pools[r.pool], i) for i, r in enumerate(spec.routes))
+        self.routes = tuple(CompiledRoute(r, pools[r.pool], i, spec.name) for i, r in enumerate(spec.routes))
+        self.nowhere = Where(spec.name, -1, None)  # requests no route takes
         self.pool = pools[spec.pool] if spec.pool else None
         t = spec.timeouts
         self.idle_s = t.idle_ms / 1000
@@ -345,7 +377,14 @@ class Router:
             else:
                 balancer = balance.make(p.algorithm, rng)
             pools[p.name] = PoolRuntime(p, tuple(runtimes), balancer, secrets, node_secret)
-        listeners = {x.socket_key: ListenerRuntime(x, pools, secrets) for x in table.listeners}
+        old_stats = {x.name: x.stats for x in previous.listeners.values()} if previous else {}
+        listeners = {}
+        for x in table.listeners:
+            stats = old_stats.get(x.name)  # counts only grow: the same object across swaps
+            slot = slots.get(listener_key(x.name))
+            if stats is None and slot is not None:
+                stats = ListenerStats(slot)
+            listeners[x.socket_key] = ListenerRuntime(x, pools, secrets, stats)
         return cls(version, table, listeners, pools, backends)
 
     def removed_since(self, previous: Router) -> Iterable[BackendRuntime]:

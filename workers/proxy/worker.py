@@ -71,7 +71,7 @@ class Worker:
         self.servers: dict[BindKey, object] = {}  # asyncio Server, or UdpListener
         self.tls_policy: dict[BindKey, tuple] = {}  # what each https socket's entry context was made of
         self.clients: set = set()  # every connection and UDP session, for sweeps and drains
-        self.dirty: set[BackendRuntime] = set()  # counters to publish
+        self.dirty: set = set()  # counters to publish: BackendRuntime and ListenerStats
         self.retired: dict[str, BackendRuntime] = {}  # draining backends by identity
         self.waiters: dict[str, deque] = {}  # pool name -> clients waiting for a free backend
         self.stores: dict[str, RedisStore] = {}  # sticky stores by URL, kept across reloads
