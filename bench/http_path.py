@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from lbc_workers.proxy import http
+from lbc_workers.proxy.accesslog import AccessLog
 from lbc_workers.proxy.router import Router
 
 from lbc.compiler import compile_config
@@ -94,6 +95,7 @@ class Worker:
         self.waiters: dict = {}
         self.draining = False
         self.requests = self.connections_opened = self.rejected = 0
+        self.access_log = None
         self._rid = 0
         self.now = time.monotonic()
 
@@ -115,9 +117,10 @@ def build(headers: bytes) -> tuple[http.HttpClient, Worker, bytes]:
     router = Router.build("v1", table, slots, None, Path("/nonexistent"))
     worker = Worker(router)
     key = table.listeners[0].socket_key
+    pools = {b.key: p for p in router.pools.values() for b in p.backends}
     for backend in router.backends.values():
         for _ in range(4):
-            up = http.Upstream(worker, backend)
+            up = http.Upstream(worker, backend, pools[backend.key])
             up.connection_made(Transport())
             backend.idle.append(up)
     client = http.HttpClient(worker, key)
@@ -126,8 +129,10 @@ def build(headers: bytes) -> tuple[http.HttpClient, Worker, bytes]:
     return client, worker, request
 
 
-def run(n: int, headers: bytes) -> float:
+def run(n: int, headers: bytes, access_log: bool = False) -> float:
     client, worker, request = build(headers)
+    if access_log:  # as the product default: a line per request into a buffered file
+        worker.access_log = AccessLog(Path("/tmp/_lbc_http_path.log"), "combined")
     start = time.perf_counter()
     for _ in range(n):
         client.data_received(request)
@@ -142,6 +147,7 @@ def main() -> int:
     parser.add_argument("-n", type=int, default=100_000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--bare", action="store_true", help="no request headers beyond Host")
+    parser.add_argument("--access-log", action="store_true", help="write access log lines (to /tmp)")
     args = parser.parse_args()
     text = (HERE / "realistic-headers.txt").read_bytes()
     headers = b"" if args.bare else b"".join(line.rstrip(b"\r") + b"\r\n" for line in text.splitlines() if line)
@@ -149,13 +155,15 @@ def main() -> int:
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        run(args.n, headers)
+        run(args.n, headers, args.access_log)
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
         return 0
-    results = sorted(run(args.n, headers) for _ in range(5))
+    results = sorted(run(args.n, headers, args.access_log) for _ in range(5))
     print(f"python per request: median {results[2]:.2f} us (min {results[0]:.2f}, max {results[-1]:.2f}), "
-          f"{'bare' if args.bare else 'realistic'} headers, {args.n} requests x 5")
+          f"{'bare' if args.bare else 'realistic'} headers, {args.n} requests x 5"
+          + (", access log on" if args.access_log else ""))
+    Path("/tmp/_lbc_http_path.log").unlink(missing_ok=True)
     return 0
 
 

@@ -540,18 +540,18 @@ class NodeStatus:
         return tablemod.to_plain(self)
 
 
-def status(state: StateDir, processes: bool = True) -> NodeStatus:
-    """The node as `lbc status` shows it; without `processes`, no per-process
-    figures (the admin API's backend views, which must answer quickly)."""
+def status(state: StateDir, process_figures: bool = True) -> NodeStatus:
+    """The node as `lbc status` shows it; without `process_figures`, no
+    per-process rows (the admin API's backend views, which must answer
+    quickly: psutil's CPU figure waits 50 ms per process)."""
     node = Node(state)
     live, table = state.current_table()
     running = node.running()
-    with_processes = processes
     processes: list[ProcessStatus] = []
     backends: list[BackendStatus] = []
     memory = shm.Shm(node.shm_file) if running and node.shm_file.exists() else None
     try:
-        if running and with_processes:
+        if running and process_figures:
             now = time.time()
             for p in node.processes():
                 info = memory.read_worker(p.slot) if memory is not None and p.slot is not None else None

@@ -100,7 +100,7 @@ class Api:
     async def list_backends(self, request: Request) -> Response:
         await self.checked(request)
         _, table = self.live()
-        statuses = {b.id: b for b in (await run_in_threadpool(service.status, self.state, processes=False)).backends}
+        statuses = {b.id: b for b in (await run_in_threadpool(service.status, self.state, process_figures=False)).backends}
         out = []
         for pool in table.pools:
             for b in pool.backends:
@@ -136,7 +136,7 @@ class Api:
         _, table = self.live()
         mutate.find_backend(table, ident)  # 404 before taking the lock
         in_flight = 0
-        for b in (await run_in_threadpool(service.status, self.state, processes=False)).backends:
+        for b in (await run_in_threadpool(service.status, self.state, process_figures=False)).backends:
             if b.id == ident:
                 in_flight = b.active
         await self.change(lambda t: mutate.remove_backend(t, ident)[0], f"api: DELETE /backends/{ident}")
@@ -147,7 +147,7 @@ class Api:
         ident = path["backend_id"]
         _, table = self.live()
         mutate.find_backend(table, ident)
-        st = next((b for b in (await run_in_threadpool(service.status, self.state, processes=False)).backends
+        st = next((b for b in (await run_in_threadpool(service.status, self.state, process_figures=False)).backends
                    if b.id == ident), None)
         if st is None:
             raise ApiError(404, f"no backend {ident!r}")
