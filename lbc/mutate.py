@@ -8,12 +8,15 @@ Rules:
   The id is derived from pool, address and port (`api-` and 10 hex digits
   of their sha256), so every node given the same change names it alike.
   The backend is marked `origin: api`, with its creation time.
-- remove_backend: by id, in any pool (NotFound otherwise). Removing a
-  backend the file lists is drift, like any API change to a file's pool.
+- remove_backend: by id, in any pool (NotFound otherwise); not the last
+  enabled backend of a pool without dynamic_backends (Conflict), as
+  validation refuses such a file. Removing a backend the file lists is
+  drift, like any API change to a file's pool.
 - set_algorithm: the pool's algorithm and stickiness. Hashing algorithms
-  key on the client address; stickiness is a signed cookie on pools only
-  http/https listeners use, else the client address (source_ip); its ttl
-  is 1 s to 30 days. The pool records which settings the API set
+  keep the pool's hash_key, else key on the client address; stickiness is a
+  signed cookie (keeping the pool's cookie name and secret) on pools only
+  http/https listeners use, else the client address (source_ip); its ttl is
+  1 s to 30 days. The pool records which settings the API changed
   (`set_by_api`), so `lbc plan FILE` can call them drift.
 - keep_dynamic: applying a file keeps the API's backends of every pool the
   file marks `dynamic_backends: true` (the file wins on everything else).
@@ -63,8 +66,9 @@ def add_backend(table: RoutingTable, *, address: str, port: int, weight: int = 1
         raise Rejected(f"port {port} is out of range (1 to 65535)")
     if not 1 <= weight <= 256:
         raise Rejected(f"weight {weight} is out of range (1 to 256)")
+    address = address.lower()  # as the compiler writes addresses: a name is one name whatever its case
     for b in target.backends:
-        if (b.address, b.port) == (address, port):
+        if (b.address.lower(), b.port) == (address, port):
             raise Conflict(f"{address}:{port} is already in pool {target.name} as backend {b.id}")
     ident = backend_id(target.name, address, port)
     if any(b.id == ident for p in table.pools for b in p.backends):
@@ -85,7 +89,12 @@ def find_backend(table: RoutingTable, ident: str) -> tuple[Pool, Backend]:
 
 def remove_backend(table: RoutingTable, ident: str) -> tuple[RoutingTable, Pool, Backend]:
     pool, backend = find_backend(table, ident)
-    new_pool = dataclasses.replace(pool, backends=tuple(b for b in pool.backends if b.id != ident))
+    left = tuple(b for b in pool.backends if b.id != ident)
+    if not pool.dynamic_backends and not any(b.enabled for b in left):
+        # as validation refuses a file whose pool has no enabled backend
+        raise Conflict(f"{ident} is the last enabled backend of pool {pool.name}; a pool needs one "
+                       "(unless it has dynamic_backends: true)")
+    new_pool = dataclasses.replace(pool, backends=left)
     return _replace_pool(table, new_pool), new_pool, backend
 
 
@@ -105,16 +114,20 @@ def set_algorithm(table: RoutingTable, *, algorithm: str, sticky_sessions: bool 
         protocols = protocols_of(table, target.name)
         cookie = bool(protocols) and protocols <= L7
         old = target.sticky
-        sticky = Sticky(mode="cookie" if cookie else "source_ip", cookie_name="SERVERID" if cookie else None,
+        keep = old is not None and old.mode == "cookie" and cookie
+        sticky = Sticky(mode="cookie" if cookie else "source_ip",
+                        cookie_name=(old.cookie_name if keep else "SERVERID") if cookie else None,
                         header=None, ttl_ms=sticky_ttl_seconds * 1000,
                         secret_sha256=old.secret_sha256 if old and cookie and old.mode == "cookie" else None,
                         store=old.store if old else "none")
     hash_key = None
     if algorithm in HASHING:
         hash_key = target.hash_key if target.hash_key is not None else "source_ip"
-    set_by = sorted({*target.set_by_api, "algorithm", "sticky"})
+    changed = {"algorithm"} if (algorithm, hash_key) != (target.algorithm, target.hash_key) else set()
+    if sticky != target.sticky:
+        changed.add("sticky")
     new_pool = dataclasses.replace(target, algorithm=algorithm, hash_key=hash_key, sticky=sticky,
-                                   set_by_api=tuple(set_by))
+                                   set_by_api=tuple(sorted({*target.set_by_api, *changed})))
     return _replace_pool(table, new_pool), new_pool
 
 

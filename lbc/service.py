@@ -598,7 +598,8 @@ def node_health(state: StateDir) -> dict[str, Any]:
     """Should this node take traffic? `ok` when a table is live and every
     worker runs and serves it (the admin API's /healthz)."""
     node = Node(state)
-    live = state.current_version()
+    live, table = state.current_table()
+    wanted = worker_count(table) if table is not None else 0
     running = [p for p in node.workers() if p.state == "RUNNING"] if node.running() else []
     serving = 0
     checker_age = None
@@ -616,8 +617,8 @@ def node_health(state: StateDir) -> dict[str, Any]:
         out.update(status="unavailable", reason="no table is installed")
     elif not running:
         out.update(status="unavailable", reason="no worker is running")
-    elif serving < len(running):
-        out.update(status="unavailable", reason=f"{len(running) - serving} of {len(running)} workers do not serve {live[:12]}")
+    elif serving < wanted:
+        out.update(status="unavailable", reason=f"{wanted - serving} of {wanted} workers do not serve {live[:12]}")
     return out
 
 

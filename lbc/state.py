@@ -153,7 +153,8 @@ class StateDir:
             pass
         except OSError as e:
             raise StateError(f"cannot read {path}: {_reason(e)}") from None
-        tmp = self.root / f".{path.name}.tmp.{os.getpid()}"
+        # not named like the temp files a lock holder removes as a crashed writer's (no lock here)
+        tmp = self.root / f".{path.name}-{os.getpid()}.part"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:

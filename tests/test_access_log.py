@@ -51,7 +51,7 @@ def test_combined_lines_name_the_route_the_backend_the_times_and_the_table(node,
     assert ok["agent"] == r"curl \x22quoted\x22" and ok["referer"] == "http://ref.example/"
     assert (ok["listener"], ok["route"], ok["pool"], ok["backend"], ok["v"]) == ("web", "1", "web", "w1", version[:12])
     assert float(ok["rt"]) >= float(ok["ut"]) > 0 and ok["client"] == "127.0.0.1"
-    assert (bad["status"], bad["route"], bad["pool"], bad["backend"], bad["ut"]) == ("502", "0", "app", "-", "-")
+    assert (bad["status"], bad["route"], bad["pool"], bad["backend"], bad["ut"]) == ("502", "0", "app", "gone", "-")
     assert (lost["status"], lost["route"], lost["pool"], lost["backend"]) == ("404", "-1", "-", "-")
 
 

@@ -1,8 +1,9 @@
 """schemathesis against the admin API of a running node: examples generated
 from schemas/admin-api.yaml (valid and invalid) must never get a server
 error nor a response the spec does not allow. About ten examples per
-operation here; every accepted mutation compiles and swaps a table, so
-longer runs belong to bench/ (`schemathesis run` with --max-examples)."""
+operation here, derandomized so `make test` is repeatable; every accepted
+mutation compiles and swaps a table, so longer random runs belong to a
+manual `schemathesis run schemas/admin-api.yaml --url http://127.0.0.1:9900`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import http.client
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.checks import positive_data_acceptance
 from support.node import LbcNode, wait_until
 
 from lbc.admin.app import spec_path
@@ -55,6 +57,8 @@ pools:
 
 
 @schema.parametrize()
-@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_the_admin_api_keeps_its_contract(case, base_url):
-    case.call_and_validate(base_url=base_url)
+    # Every check but "a schema-valid request is accepted": the API refuses some with 400 by meaning (an
+    # unknown pool, an address that is not one), which its spec says but a schema cannot.
+    case.call_and_validate(base_url=base_url, excluded_checks=[positive_data_acceptance])

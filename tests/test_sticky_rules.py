@@ -107,3 +107,6 @@ def test_a_valid_cookie_for_a_backend_out_of_the_members_counts_as_absent():
     assert affinity.from_cookie(b"SERVERID=" + value, members[:1], now=1_001) is None  # unhealthy or removed
     assert affinity.from_cookie(b"SERVERID=" + value, members, now=4_601) is None  # expired
     assert Affinity("api", spec, [b"k"]).from_cookie(b"SERVERID=" + value, members, now=1_001) is None  # foreign
+    # several cookies of the name (several Cookie lines, joined): the first that verifies and takes traffic
+    stale = affinity.set_cookie("gone", now=1_000, secure=False).split(b"=", 1)[1].split(b";")[0]
+    assert affinity.from_cookie(b"SERVERID=junk; SERVERID=" + stale + b"; SERVERID=" + value, members, 1_001).id == "b2"

@@ -189,19 +189,24 @@ class Affinity:
     # -- cookie mode -----------------------------------------------------------
 
     def from_cookie(self, cookie_header: bytes | None, members: Sequence[Member], now: float) -> Member | None:
-        """The backend a valid cookie names, if it takes traffic."""
+        """The backend a valid cookie names, if it takes traffic (the first
+        such of several cookies of this name)."""
         if not cookie_header:
             return None
         for value in cookie_values(cookie_header, self.cookie):
             known = self._verified.get(value)
             if known is not None and known[1] >= now:
-                return self.usable(members, known[0])
-            backend_id = self.signer.verify(value, now)
-            if backend_id is not None:
+                backend_id = known[0]
+            else:
+                backend_id = self.signer.verify(value, now)
+                if backend_id is None:
+                    continue
                 if len(self._verified) >= VERIFIED_CACHE:
                     self._verified.clear()
                 self._verified[value] = (backend_id, int(value.split(b".")[1], 16))
-                return self.usable(members, backend_id)
+            backend = self.usable(members, backend_id)
+            if backend is not None:
+                return backend
         return None
 
     def set_cookie(self, backend_id: str, now: float, secure: bool) -> bytes:

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("the admin API is off (global.admin.enabled: false, or no table)")
         return 0
     admin = table.settings.admin
-    app = make_app(state, token_for(state, table))
+    app = make_app(state, token_for(state, table), admin.host)
     log.info("admin API on %s:%d", admin.host, admin.port)
     try:
         uvicorn.run(app, host=admin.host, port=admin.port, log_level="warning", access_log=False, lifespan="off",
@@ -67,5 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> int:
+    """main(), pausing before any failure exit so supervisord's restarts do not spin."""
+    try:
+        return main(argv)
+    except SystemExit:
+        raise
+    except Exception:  # noqa: BLE001 - the process edge: log it whole, then exit for supervisord to restart
+        log.exception("the admin API failed")
+        time.sleep(2)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -61,9 +61,11 @@ def spec_path() -> Path:
 
 
 class Api:
-    def __init__(self, state: StateDir, token: bytes | None) -> None:
+    def __init__(self, state: StateDir, token: bytes | None, host: str = "127.0.0.1") -> None:
         self.state = state
         self.token = token
+        # Without a token, the Host a request names must be this API's own (DNS rebinding).
+        self.hosts = frozenset({host.lower(), "localhost", "127.0.0.1", "::1"})
         self.openapi = OpenAPI.from_file_path(str(spec_path()))
 
     # -- request gates ------------------------------------------------------------------
@@ -75,6 +77,11 @@ class Api:
             scheme, _, value = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token):
                 raise ApiError(401, "a bearer token is required (Authorization: Bearer <token>)")
+        elif self.token is None and request.url.path != "/healthz":
+            host = request.headers.get("host", "")
+            name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
+            if name.lower() not in self.hosts:
+                raise ApiError(400, f"Host {host!r} is not this admin API's address")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
             raise ApiError(413, f"request bodies are limited to {MAX_BODY} bytes")
@@ -83,6 +90,10 @@ class Api:
             body += chunk
             if len(body) > MAX_BODY:
                 raise ApiError(413, f"request bodies are limited to {MAX_BODY} bytes")
+        try:
+            body.decode("utf-8")  # JSON is UTF-8; openapi-core's own errors choke on other bytes
+        except UnicodeDecodeError as e:
+            raise ApiError(400, "the request does not match the API", [f"the body is not UTF-8: {e}"]) from None
         result = self.openapi.unmarshal_request(StarletteOpenAPIRequest(request, body))
         if result.errors:
             raise ApiError(400, "the request does not match the API", [_reason(e) for e in result.errors])
@@ -119,7 +130,7 @@ class Api:
         def edit(table: tablemod.RoutingTable) -> tablemod.RoutingTable:
             new, pool, backend = mutate.add_backend(
                 table, address=body["address"], port=body["port"], weight=body.get("weight", 1),
-                health_check_path=body.get("health_check_path", "/health"), pool=body.get("pool"),
+                health_check_path=body.get("health_check_path"), pool=body.get("pool"),
                 now=now_iso())
             made.update(pool=pool, backend=backend)
             return new
@@ -193,6 +204,12 @@ class Api:
         return version, table
 
 
+def by_method(**handlers: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    async def dispatch(request: Request) -> Response:
+        return await handlers[request.method](request)
+    return dispatch
+
+
 def pool_settings(p: tablemod.Pool) -> dict[str, Any]:
     return {"pool": p.name, "algorithm": p.algorithm, "hash_key": p.hash_key,
             "sticky": {"mode": p.sticky.mode, "ttl_seconds": p.sticky.ttl_ms // 1000} if p.sticky else None,
@@ -203,11 +220,18 @@ def _status(health: str) -> str:
     return "unchecked" if health == "-" else health
 
 
+def _text(e: BaseException) -> str:
+    try:
+        return str(e)
+    except ValueError:  # a library error that cannot describe itself
+        return type(e).__name__
+
+
 def _reason(e: Exception) -> str:
-    causes = [str(e)]
+    causes = [_text(e)]
     cause = e.__cause__
     while cause is not None:
-        causes.append(str(cause))
+        causes.append(_text(cause))
         inner = getattr(cause, "schema_errors", None)
         if inner:
             causes += [getattr(x, "message", str(x)) for x in inner]
@@ -215,8 +239,8 @@ def _reason(e: Exception) -> str:
     return "; ".join(dict.fromkeys(c for c in causes if c))
 
 
-def make_app(state: StateDir, token: bytes | None) -> Starlette:
-    api = Api(state, token)
+def make_app(state: StateDir, token: bytes | None, host: str = "127.0.0.1") -> Starlette:
+    api = Api(state, token, host)
 
     def handle(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
@@ -236,8 +260,8 @@ def make_app(state: StateDir, token: bytes | None) -> Starlette:
     from lbc.admin.metrics import metrics_endpoint
 
     routes = [
-        Route("/backends", handle(api.list_backends), methods=["GET"]),
-        Route("/backends", handle(api.add_backend), methods=["POST"]),
+        # one Route per path, so a 405 lists every method of the path in Allow
+        Route("/backends", handle(by_method(GET=api.list_backends, POST=api.add_backend)), methods=["GET", "POST"]),
         Route("/backends/{backend_id}", handle(api.remove_backend), methods=["DELETE"]),
         Route("/backends/{backend_id}/health", handle(api.backend_health), methods=["GET"]),
         Route("/config", handle(api.get_config), methods=["GET"]),
@@ -248,6 +272,8 @@ def make_app(state: StateDir, token: bytes | None) -> Starlette:
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
-        return error_response(status, "no such endpoint" if status == 404 else "method not allowed")
+        response = error_response(status, "no such endpoint" if status == 404 else "method not allowed")
+        response.headers.update(getattr(exc, "headers", None) or {})  # 405 lists the methods in Allow (RFC 9110)
+        return response
 
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})

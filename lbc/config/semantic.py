@@ -268,6 +268,8 @@ class _Checker:
         if ttl is not None and not MIN_TTL_MS <= ttl <= MAX_TTL_MS:
             self.error(path + ("ttl",), f"must be between 1s and 30d (got {sticky['ttl']})")
         store = sticky.get("store")
+        if isinstance(store, str) and (m := re.search(r":([0-9]+)(/|$)", store.rpartition("@")[2])) and not 1 <= int(m.group(1)) <= 65535:
+            self.error(path + ("store",), f"port {m.group(1)} is out of range (1 to 65535)")
         if isinstance(store, str) and store.startswith("redis://") and "udp" in protocols:
             self.warn(path + ("store",), "udp sessions are placed by the hash ring alone: the store is used by http, https and tcp listeners")
         if mode == "cookie" and isinstance(store, str) and store.startswith("redis://") and "secret_file" not in sticky:

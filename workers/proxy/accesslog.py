@@ -13,7 +13,8 @@ combined: NGINX's combined format, then lbc's fields:
     127.0.0.1 - - [30/Nov/2026:00:41:07 +0000] "GET /x HTTP/1.1" 200 612 "-" "curl/8.0" \
         listener=web route=0 pool=web backend=a rt=0.0012 ut=0.0009 v=5b53bba26cf3 id=0a1b2c-17
 
-    bytes: what the client was sent for the response (head and body);
+    bytes: the response's bytes as the backend sent them (head and body; lbc
+    passes most through unchanged), or the size of lbc's own answer;
     rt: seconds from the request head to the end of the response; ut: from
     sending the request to the backend's response head ("-" when no backend
     answered); route: the index of the listener's route that matched;

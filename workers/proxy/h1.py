@@ -106,6 +106,12 @@ class Request:
         return header_value(self.raw, self.low, name)
 
 
+def header_values(raw: bytes, low: bytes, name: bytes) -> bytes:
+    """Every line of a header by lowercase name, joined with "; " (for
+    Cookie, which clients may split over several lines)."""
+    return b"; ".join(raw[start + 3 + len(name) : end].strip(b" \t") for start, end in _lines_with(low, name))
+
+
 def header_value(raw: bytes, low: bytes, name: bytes) -> bytes | None:
     i = low.find(b"\r\n" + name + b":")
     if i < 0:

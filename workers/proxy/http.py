@@ -50,6 +50,7 @@ The client connection's state machine:
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from typing import TYPE_CHECKING
@@ -73,6 +74,7 @@ MAX_RESPONSE_HEAD = 64 * 1024
 MAX_IDLE_PER_BACKEND = 64
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 # What a plain response (h1.plain_response_length) leaves for the rest of the cycle: only read.
+log = logging.getLogger("lbc.worker")
 _LATER = object()  # a pick that waits on the sticky store
 _NOWHERE = Where("-", -1, None)
 _PLAIN = h1.Response(200, h1.LENGTH, 0, True, False, b"", {}, (), b"keep-alive")
@@ -189,7 +191,7 @@ class HttpClient(asyncio.Protocol):
         "paused", "closing", "eof", "req", "pool", "backend", "up", "reused", "attempts", "pending",
         "pending_bytes", "body_left", "chunks", "req_done", "resp", "resp_buf", "resp_started",
         "resp_left", "resp_end", "resp_bytes", "router", "tunnel_eof", "in_heads", "more", "head_cb", "tried",
-        "conn_headers", "is_tls", "set_cookie", "sent_at", "t0", "status", "ut", "route",
+        "conn_headers", "is_tls", "set_cookie", "sent_at", "t0", "status", "ut", "route", "served_by",
     )
 
     def __init__(self, worker: Worker, key) -> None:
@@ -222,6 +224,7 @@ class HttpClient(asyncio.Protocol):
         self.t0 = self.ut = 0.0
         self.status = 0
         self.route: CompiledRoute | None = None
+        self.served_by: BackendRuntime | None = None  # the backend tried last, for the access log
 
     # -- asyncio callbacks: client side ---------------------------------------
 
@@ -397,6 +400,7 @@ class HttpClient(asyncio.Protocol):
         self.t0 = time.monotonic()
         self.ut = -1.0
         self.route = None
+        self.served_by = None
         if not req.keep_alive:
             self.closing = True
         framing = req.framing
@@ -518,7 +522,7 @@ class HttpClient(asyncio.Protocol):
         if affinity.cookie is not None:
             backend = None
             if b"\r\ncookie:" in req.low:
-                backend = affinity.from_cookie(req.header(b"cookie"), pool.members, time.time())
+                backend = affinity.from_cookie(h1.header_values(req.raw, req.low, b"cookie"), pool.members, time.time())
                 req.head = strip_cookie(req.head, affinity.cookie)  # the backend never sees it
             if backend is None:
                 backend = pool.balancer.pick(pool.members, pool.key_for(req, self.peer) if pool.hash_key else None)
@@ -534,18 +538,22 @@ class HttpClient(asyncio.Protocol):
             if backend is not None:
                 return backend
             if store.available():
-                self.worker.loop.create_task(self._remembered(pool, affinity, store, key))
+                self.worker.loop.create_task(self._remembered(req, pool, affinity, store, key))
                 return _LATER
         return affinity.hashed(pool.members, key)
 
-    async def _remembered(self, pool: PoolRuntime, affinity: Affinity, store, key: bytes) -> None:
-        req = self.req
-        backend = await pick_remembered(store, affinity, pool, key)
+    async def _remembered(self, req: h1.Request, pool: PoolRuntime, affinity: Affinity, store, key: bytes) -> None:
+        try:
+            backend = await pick_remembered(store, affinity, pool, key)
+        except Exception:  # noqa: BLE001 - a task's edge: the request must go on whatever the store did
+            log.exception("sticky store lookup failed")
+            backend = affinity.hashed(pool.members, key)
         if self.req is req and self.state == CONNECTING:  # else the client went away meanwhile
             self._use(backend)
 
     def _use(self, backend: BackendRuntime | None) -> None:
         pool = self.pool
+        self.served_by = backend
         if backend is None:
             if pool.members:
                 # Every backend is at max_connections: wait for a free one,
@@ -631,14 +639,14 @@ class HttpClient(asyncio.Protocol):
         ):
             self.attempts += 1
             self.state = CONNECTING
-            failed.retries += 1
             backend = pool.balancer.pick(pool.members, pool.key_for(self.req, self.peer) if pool.hash_key else None)
             for _ in range(len(pool.members)):
                 if backend not in self.tried:
                     break
                 backend = pool.balancer.pick(pool.members, None)  # the hash's pick failed: go round
             if backend is not None:
-                self.backend = backend
+                failed.retries += 1
+                self.backend = self.served_by = backend
                 backend.active += 1
                 backend.requests += 1
                 self.worker.dirty.add(backend)
@@ -812,6 +820,8 @@ class HttpClient(asyncio.Protocol):
         if status is not None and not self.resp_started:
             self._respond_error(status, close=True)
         else:
+            if self.req is not None and self.state != CLOSED:
+                self._answered(self.status, self.resp_bytes)  # cut mid-response: logged as it began
             self.state = CLOSED
             self.transport.abort()
 
@@ -833,7 +843,7 @@ class HttpClient(asyncio.Protocol):
         self._release_backend()
         if not self.buf and not self.paused and not self.closing and not self.eof and not self.worker.draining:
             # The common case, inline: an idle keep-alive connection.
-            self.req = self.resp = None
+            self.req = self.resp = self.route = None
             self.state = HEAD
             self.resp_started = False
             self.deadline = self.worker.now + self.listener.idle_s
@@ -854,6 +864,7 @@ class HttpClient(asyncio.Protocol):
     def _next_request(self) -> None:
         self.req = None
         self.resp = None
+        self.route = None
         if self.closing or self.eof or self.worker.draining:
             self.state = CLOSED
             self.transport.close()
@@ -879,6 +890,7 @@ class HttpClient(asyncio.Protocol):
         self._drop_upstream()  # it has part of this request: unusable
         self._release_backend()
         if self.resp_started:  # part of a response went out: nothing can follow it
+            self._answered(self.status, self.resp_bytes)  # logged with the status the client saw begin
             self.state = CLOSED
             self.transport.abort()
             return
@@ -902,11 +914,14 @@ class HttpClient(asyncio.Protocol):
             stats.answered(status, sent, time.monotonic() - self.t0 if self.req is not None else 0.0)
             self.worker.dirty.add(stats)
         if self.worker.access_log is not None:
-            self._log(status, sent)
+            try:
+                self._log(status, sent)
+            except OSError as e:
+                self.worker.drop_access_log(e)
 
     def _log(self, status: int, sent: int) -> None:
         req = self.req
-        backend = self.backend
+        served = self.served_by
         where = self.route.where if self.route is not None else (
             self.listener.nowhere if self.listener is not None else _NOWHERE)
         if req is None:  # refused before it was a request (malformed, too large)
@@ -916,7 +931,7 @@ class HttpClient(asyncio.Protocol):
         raw = req.raw
         self.worker.access_log.request(
             self.peer, raw[: raw.find(b"\r\n")], status, sent, req.header(b"referer"), req.header(b"user-agent"),
-            where, backend.log_id if backend else b"-", time.monotonic() - self.t0, self.ut if self.ut >= 0 else None,
+            where, served.log_id if served else b"-", time.monotonic() - self.t0, self.ut if self.ut >= 0 else None,
             self.router.version, req.request_id)
 
     def on_timeout(self) -> None:

@@ -24,7 +24,7 @@ from lbc_workers.health.machine import HEALTHY, UNHEALTHY, eligible
 from lbc_workers.proxy.accesslog import Where
 from lbc_workers.proxy.h1 import HeadRules, Request, ResponseRules
 from lbc_workers.proxy.tls import CertificateChooser, client_context
-from lbc_workers.sticky import Affinity
+from lbc_workers.sticky import Affinity, cookie_values
 
 from lbc import table as tablemod
 from lbc.config.addresses import address_kind
@@ -200,7 +200,7 @@ class PoolRuntime:
         if name == "header":
             return request.header(arg.lower().encode())
         cookies = request.header(b"cookie")
-        return cookie_value(cookies, arg.encode()) if cookies else None
+        return next(iter(cookie_values(cookies, arg.encode())), None) if cookies else None
 
 
 def _affinity(spec: tablemod.Pool, secrets: Path, node_secret: Callable[[], bytes] | None) -> Affinity:
@@ -214,14 +214,6 @@ def _affinity(spec: tablemod.Pool, secrets: Path, node_secret: Callable[[], byte
         if not keys:
             raise tablemod.TableError(f"pool {spec.name}: no secret to sign stickiness cookies with")
     return Affinity(spec.name, sticky, keys)
-
-
-def cookie_value(header: bytes, name: bytes) -> bytes | None:
-    for part in header.split(b";"):
-        k, sep, v = part.strip().partition(b"=")
-        if sep and k == name:
-            return v
-    return None
 
 
 class CompiledRoute:

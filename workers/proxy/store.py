@@ -51,15 +51,11 @@ class RedisStore:
         self.cache: dict[bytes, tuple[str, float]] = {}
         self.down_until = 0.0
         self.failed_at = 0.0
-        self.errors = 0  # failed calls
-        self.fallbacks = 0  # lookups not tried while the store was down
+        self.errors = 0  # failed calls (published as lbc_sticky_store_errors_total)
         self._writes: set[asyncio.Task] = set()
 
     def available(self) -> bool:
-        if self.down_until and time.monotonic() < self.down_until:
-            self.fallbacks += 1
-            return False
-        return True
+        return not (self.down_until and time.monotonic() < self.down_until)
 
     def cached(self, key: bytes) -> str | None:
         hit = self.cache.get(key)

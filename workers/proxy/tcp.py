@@ -26,10 +26,13 @@ the pool's drain_timeout, then closes (one timer, armed once).
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from typing import TYPE_CHECKING
 
 from lbc_workers.proxy.store import pick_remembered, remembered_here
+
+log = logging.getLogger("lbc.worker")
 
 if TYPE_CHECKING:
     from lbc_workers.proxy.router import BackendRuntime, ListenerRuntime, PoolRuntime
@@ -122,7 +125,11 @@ class TcpClient(asyncio.Protocol):
         self._begin(listener, backend, first)
 
     async def _remembered(self, listener: ListenerRuntime, store, key: bytes, first: bytes) -> None:
-        backend = await pick_remembered(store, self.pool.affinity, self.pool, key)
+        try:
+            backend = await pick_remembered(store, self.pool.affinity, self.pool, key)
+        except Exception:  # noqa: BLE001 - a task's edge: the connection must go on whatever the store did
+            log.exception("sticky store lookup failed")
+            backend = self.pool.affinity.hashed(self.pool.members, key)
         if not self.closed:
             self._begin(listener, backend, first)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -177,26 +178,40 @@ class Worker:
         gc.freeze()  # the router lives long: keep it out of the collector's way
 
     def _follow_access_log(self, settings) -> None:
-        if settings == self.access_log_settings:
+        if settings == self.access_log_settings and (self.access_log is not None or settings is None):
             return
         if self.access_log is not None:
-            self.access_log.close()
+            with contextlib.suppress(OSError):
+                self.access_log.close()
             self.access_log = None
         self.access_log_settings = settings
         if settings is not None:
             directory = Path(settings.directory) if settings.directory else self.state.run
             try:
                 self.access_log = AccessLog(directory / f"access-{self.slot}.log", settings.format)
-            except OSError as e:  # the table is served; say why nothing is logged
+            except OSError as e:  # the table is served; say why nothing is logged (the next reload retries)
                 log.error("cannot open the access log in %s: %s", directory, e.strerror)
 
+    def drop_access_log(self, e: OSError) -> None:
+        """A write failed (disk full, EIO): stop logging rather than stop serving;
+        `lbc reopen-logs` or the next reload tries again."""
+        log.error("access log %s: %s; access logging stops until lbc reopen-logs",
+                  self.access_log.path if self.access_log else "?", e.strerror or e)
+        if self.access_log is not None:
+            with contextlib.suppress(OSError):
+                self.access_log.close()
+        self.access_log = None
+
     def reopen_logs(self) -> None:
+        if self.access_log is None and self.access_log_settings is not None:
+            self.access_log_settings = None  # dropped after an error: open it again
+            self._follow_access_log(self.router.table.settings.access_log if self.router else None)
+            return
         if self.access_log is not None:
             try:
                 self.access_log.reopen()
             except OSError as e:
-                log.error("cannot reopen %s: %s; access logging stops", self.access_log.path, e.strerror)
-                self.access_log = None
+                self.drop_access_log(e)
 
     def _report(self, attempted: str, error: str, version: str | None = None) -> None:
         fields: dict[str, object] = {"attempted": attempted, "error": error, "heartbeat": time.time()}
@@ -320,7 +335,7 @@ class Worker:
     def store(self, url: str) -> RedisStore:
         store = self.stores.get(url)
         if store is None:
-            store = self.stores[url] = RedisStore(url)
+            store = self.stores[url] = RedisStore(url)  # the URL was checked when the table was compiled
         return store
 
     def backend_failed(self, pool: PoolRuntime, backend: BackendRuntime) -> None:
@@ -359,7 +374,10 @@ class Worker:
             write(backend.slot, *backend.counters())
         self.dirty.clear()
         if self.access_log is not None:
-            self.access_log.flush()
+            try:
+                self.access_log.flush()
+            except OSError as e:
+                self.drop_access_log(e)
         self.shm.write_worker(self.slot, heartbeat=time.time(), connections=len(self.clients), requests=self.requests,
                               reloads_ok=self.reloads_ok, reloads_failed=self.reloads_failed, rejected=self.rejected,
                               store_errors=sum(s.errors for s in self.stores.values()))
@@ -396,8 +414,12 @@ class Worker:
                 transport.abort()
         self.publish()
         if self.access_log is not None:
-            self.access_log.close()
+            with contextlib.suppress(OSError):
+                self.access_log.close()
             self.access_log = None
+        for store in self.stores.values():
+            with contextlib.suppress(Exception):  # best effort at exit: Redis may be gone
+                await asyncio.wait_for(store.close(), 1)
         self.stopped.set()
 
 
