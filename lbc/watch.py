@@ -108,8 +108,11 @@ class Watcher:
     def run(self, observe: Callable[[list[Path]], Callable[[], None]]) -> None:
         """`observe(directories)` starts watching them (calling notify on any
         event) and returns a function that stops it."""
-        watched: list[Path] = []
-        unwatch: Callable[[], None] = lambda: None  # noqa: E731
+        # Watch first, then look: a save between the two is an event, not a change missed
+        # until the next one.
+        watched = self._directories()
+        unwatch = observe(watched)
+        seen = self._events
         self.check()  # at start: apply the file if the live table is not its table
         while True:
             wanted = self._directories()
@@ -118,12 +121,14 @@ class Watcher:
                 unwatch = observe(wanted)
                 watched = wanted
             with self._cond:
-                seen = self._events
+                # `seen` was taken before the last check: a save during it (an apply takes a
+                # while) counts now, instead of waiting for the next one
                 self._cond.wait_for(lambda seen=seen: self._stop or self._events != seen,
                                     timeout=None if self.seen is not None else RETRY_MISSING)
                 if self._stop:
                     break
             self._quiet()
+            seen = self._events
             self.check()
         unwatch()
 
