@@ -295,15 +295,18 @@ class Nginx:
         self.proc: subprocess.Popen | None = None
         self.pids: list[int] = []
 
+    def server(self, i: int, port: int) -> str:
+        """The server block of backend i (METHOD's: an "ok" and nothing else)."""
+        return f'    server {{ listen {HOST}:{port} reuseport; return 200 "ok\\n"; }}\n'
+
     def start(self) -> None:
         d = self.dir
         (d / "tmp").mkdir(parents=True, exist_ok=True)
-        servers = "".join(
-            f'    server {{ listen {HOST}:{p} reuseport; return 200 "ok\\n"; }}\n' for p in self.ports)
+        servers = "".join(self.server(i, p) for i, p in enumerate(self.ports))
         temps = "".join(f"    {kind}_temp_path {d}/tmp/{kind};\n"
                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         (d / "nginx.conf").write_text(
-            "# Written by bench/data_plane.py; nothing here touches /etc/nginx.\n"
+            "# Written by the benchmark (bench/); nothing here touches /etc/nginx.\n"
             "worker_processes 1;\n"
             "worker_rlimit_nofile 16384;\n"
             "daemon off;\n"
@@ -1059,9 +1062,15 @@ def main(argv: list[str] | None = None) -> int:
     meta["verdict"] = verdict + lat
     meta["load_end"] = machine()["load"]
     meta["elapsed_min"] = (time.monotonic() - t_start) / 60
-    text = render(meta, setups, summary, rss, prof)
-    (out / "runs.json").write_text(json.dumps({"meta": meta, "runs": [r.__dict__ for r in runs], "rss": rss,
-                                               "profile": prof}, indent=1, default=str))
+    publish(args, out, render(meta, setups, summary, rss, prof),
+            {"meta": meta, "runs": [r.__dict__ for r in runs], "rss": rss, "profile": prof})
+    return 0
+
+
+def publish(args: argparse.Namespace, out: Path, text: str, raw: dict) -> None:
+    """The report and raw figures into `out`; the report to args.results too
+    when the run has the rounds METHOD asks for (this script, tls.py, sticky.py)."""
+    (out / "runs.json").write_text(json.dumps(raw, indent=1, default=str))
     (out / "RESULTS.md").write_text(text)
     print()
     print(text)
@@ -1070,7 +1079,6 @@ def main(argv: list[str] | None = None) -> int:
         log(f"wrote {args.results} (raw figures in {out})")
     else:
         log(f"fewer than 3 rounds: {args.results} left alone; this run is in {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import os
 import shlex
 import shutil
@@ -140,38 +139,8 @@ def ensure_tools(install: bool) -> dict[str, str]:
 class TaggedNginx(dp.Nginx):
     """METHOD's NGINX, each server block adding `X-Backend: nI` to its answer."""
 
-    def start(self) -> None:
-        d = self.dir
-        (d / "tmp").mkdir(parents=True, exist_ok=True)
-        servers = "".join(f'    server {{ listen {HOST}:{p} reuseport; add_header X-Backend n{i + 1}; '
-                          f'return 200 "ok\\n"; }}\n' for i, p in enumerate(self.ports))
-        temps = "".join(f"    {kind}_temp_path {d}/tmp/{kind};\n"
-                        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        (d / "nginx.conf").write_text(
-            "# Written by bench/sticky.py; nothing here touches /etc/nginx.\n"
-            "worker_processes 1;\n"
-            "worker_rlimit_nofile 16384;\n"
-            "daemon off;\n"
-            f"pid {d}/nginx.pid;\n"
-            f"error_log {d}/error.log warn;\n"
-            "events { worker_connections 8192; }\n"
-            "http {\n"
-            "    access_log off;\n"
-            "    keepalive_requests 1000000;\n"
-            "    keepalive_timeout 75s;\n"
-            "    default_type text/plain;\n"
-            f"{temps}{servers}"
-            "}\n")
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        base = [nginx, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")]
-        check = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True)
-        if check.returncode != 0:
-            raise RuntimeError(f"nginx -t failed: {check.stderr.strip()}")
-        self.proc = subprocess.Popen(["taskset", "-c", dp.LOAD_CPU, *base], stdout=subprocess.DEVNULL,
-                                     stderr=open(d / "stderr.log", "wb"), start_new_session=True)
-        for p in self.ports:
-            dp.wait_port(p, proc=self.proc)
-        self.pids = dp.tree(self.proc.pid)
+    def server(self, i: int, port: int) -> str:
+        return f'    server {{ listen {HOST}:{port} reuseport; add_header X-Backend n{i + 1}; return 200 "ok\\n"; }}\n'
 
 
 class Redis:
@@ -615,18 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     meta["load_end"] = dp.machine()["load"]
     meta["elapsed_min"] = (time.monotonic() - t_start) / 60
-    text = render(meta, summary)
-    (out / "runs.json").write_text(json.dumps(
-        {"meta": meta, "checks": checks, "runs": [{**r.__dict__, **e} for r, e in zip(runs, extra, strict=True)]},
-        indent=1, default=str))
-    (out / "RESULTS.md").write_text(text)
-    print()
-    print(text)
-    if args.rounds >= 3:
-        args.results.write_text(text)
-        dp.log(f"wrote {args.results} (raw figures in {out})")
-    else:
-        dp.log(f"fewer than 3 rounds: {args.results} left alone; this run is in {out}")
+    dp.publish(args, out, render(meta, summary),
+               {"meta": meta, "checks": checks, "runs": [{**r.__dict__, **e} for r, e in zip(runs, extra, strict=True)]})
     return 0
 
 

@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import os
 import re
 import shlex
@@ -496,17 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     meta["load_end"] = dp.machine()["load"]
     meta["elapsed_min"] = (time.monotonic() - t_start) / 60
-    text = render(meta, summary)
-    (out / "runs.json").write_text(json.dumps({"meta": meta, "runs": [r.__dict__ for r in runs]}, indent=1,
-                                              default=str))
-    (out / "RESULTS.md").write_text(text)
-    print()
-    print(text)
-    if args.rounds >= 3:
-        args.results.write_text(text)
-        dp.log(f"wrote {args.results} (raw figures in {out})")
-    else:
-        dp.log(f"fewer than 3 rounds: {args.results} left alone; this run is in {out}")
+    dp.publish(args, out, render(meta, summary), {"meta": meta, "runs": [r.__dict__ for r in runs]})
     return 0
 
 

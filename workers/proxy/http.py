@@ -508,7 +508,7 @@ class HttpClient(asyncio.Protocol):
     def _dispatch(self) -> None:
         pool: PoolRuntime = self.pool
         if pool.affinity is None:
-            backend = pool.balancer.pick(pool.members, pool.key_for(self.req, self.peer) if pool.hash_key else None)
+            backend = pool.pick_for(self.req, self.peer)
         else:
             backend = self._sticky_pick(pool, pool.affinity)
             if backend is _LATER:
@@ -525,13 +525,13 @@ class HttpClient(asyncio.Protocol):
                 backend = affinity.from_cookie(h1.header_values(req.raw, req.low, b"cookie"), pool.members, time.time())
                 req.head = strip_cookie(req.head, affinity.cookie)  # the backend never sees it
             if backend is None:
-                backend = pool.balancer.pick(pool.members, pool.key_for(req, self.peer) if pool.hash_key else None)
+                backend = pool.pick_for(req, self.peer)
                 if backend is not None:
                     self.set_cookie = affinity.set_cookie(backend.id, time.time(), self.is_tls)
             return backend
         key = self.peer if affinity.mode == "source_ip" else req.header(affinity.header)
         if not key:
-            return pool.balancer.pick(pool.members, pool.key_for(req, self.peer) if pool.hash_key else None)
+            return pool.pick_for(req, self.peer)
         if affinity.store is not None:
             store = self.worker.store(affinity.store)
             backend = remembered_here(store, affinity, pool, key)
@@ -639,7 +639,7 @@ class HttpClient(asyncio.Protocol):
         ):
             self.attempts += 1
             self.state = CONNECTING
-            backend = pool.balancer.pick(pool.members, pool.key_for(self.req, self.peer) if pool.hash_key else None)
+            backend = pool.pick_for(self.req, self.peer)
             for _ in range(len(pool.members)):
                 if backend not in self.tried:
                     break

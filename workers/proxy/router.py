@@ -151,6 +151,10 @@ class PoolRuntime:
     def pick(self, key: bytes | None = None) -> BackendRuntime | None:
         return self.balancer.pick(self.members, key)
 
+    def pick_for(self, request: Request | None, client_ip: bytes) -> BackendRuntime | None:
+        """The balancer's pick for a request (its hash key, for hashing pools)."""
+        return self.balancer.pick(self.members, self.key_for(request, client_ip) if self.hash_key else None)
+
     def refresh(self, states: list[int], trusted: bool, now: float) -> None:
         """Recompute the members that get traffic from the checker's states
         (one per enabled backend), its trust, and passive-health ejections."""
