@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_STATE ?= .lbc-demo
 
-.PHONY: setup sysdeps run test bench bench-config bench-data docs lint clean
+.PHONY: setup sysdeps scorecard-deps run test scorecard bench bench-config bench-data docs lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ sysdeps:
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
 
+# What `make scorecard` drives besides the tests' own clients: slowhttptest
+# and hey, from Debian's packages.
+scorecard-deps:
+	@command -v slowhttptest >/dev/null && command -v hey >/dev/null || { \
+		echo "installing slowhttptest and hey with apt-get"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slowhttptest hey >/dev/null; }
+
 # The main job: the example backends and lbc in front of them on
 # examples/pool.yaml, in the foreground; Ctrl-C drains and stops everything.
 run: setup
@@ -31,6 +39,12 @@ run: setup
 
 test: setup sysdeps
 	$(BIN)/python -m pytest
+
+# Hostile clients and faults: every test marked with a scorecard row, the
+# long ones included (about 10 minutes); prints one line per row and writes
+# bench/SCORECARD.md. The quick rows run in `make test` too.
+scorecard: setup sysdeps scorecard-deps
+	$(BIN)/python -m pytest -m row --scorecard
 
 # Both benchmarks: the control plane's (validate + compile + plan of a big
 # config) and the data plane's (lbc vs HAProxy vs direct on NGINX, about

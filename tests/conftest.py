@@ -16,6 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "pool.yaml"
 CASES = Path(__file__).resolve().parent / "cases"
 
+pytest_plugins = ["support.scorecard"]  # rows marked @pytest.mark.row, `make scorecard`
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--scorecard", action="store_true",
+                     help="run the long rows of tests/hostile too and write bench/SCORECARD.md")
+
 
 def https_config(cert: Path, key: Path, weight: int = 1, extra_backends: str = "") -> str:
     """A one-listener https config on 127.0.0.1:8443 with one certificate."""
@@ -91,16 +98,13 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-_next_ip = [0]
-
-
 @pytest.fixture
 def ip() -> str:
     """A loopback address of this test's own (127.a.b.1), so SO_REUSEPORT
     never joins two tests' listeners."""
-    _next_ip[0] += 1
-    n = (os.getpid() % 200) * 256 + _next_ip[0]
-    return f"127.{(n // 256) % 250 + 2}.{n % 256}.1"
+    from support.node import fresh_ip
+
+    return fresh_ip()
 
 
 @pytest.fixture

@@ -18,6 +18,16 @@ ROOT = Path(__file__).resolve().parents[2]
 ORIGIN = Path(__file__).resolve().parent / "origin.py"
 
 
+_next_ip = [0]
+
+
+def fresh_ip() -> str:
+    """A loopback address (127.a.b.1) no other test of this run uses."""
+    _next_ip[0] += 1
+    n = (os.getpid() % 200) * 256 + _next_ip[0]
+    return f"127.{(n // 256) % 250 + 2}.{n % 256}.1"
+
+
 class Origin:
     """One origin server process (tests/support/origin.py)."""
 
