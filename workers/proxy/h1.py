@@ -13,11 +13,13 @@ before it passes them on. Rules, in the order they apply to a request head
 2. Limits: request line length (414), head size and header count (431).
 3. Version: 1.0 or 1.1 (505 otherwise). Target: origin-form, or
    absolute-form (rewritten to origin-form; its authority wins over Host),
-   or `*`; anything else 400.
-4. Host: HTTP/1.1 needs exactly one (400 otherwise).
+   or `*` for OPTIONS; anything else 400.
+4. Host: HTTP/1.1 needs exactly one, and its value must be a URI host with
+   an optional port (400 otherwise: RFC 9112 3.2).
 5. Framing: `Transfer-Encoding: chunked` exactly (other codings: 400), whose
    body is re-framed on the way out so what the backend gets is unambiguous;
-   or Content-Length; or no body.
+   or Content-Length; or no body. An HTTP/1.0 request with
+   Transfer-Encoding is refused (RFC 9112 6.1: its framing is faulty).
 6. Hop-by-hop headers (Connection, the names it lists, Keep-Alive, TE,
    Trailer, Transfer-Encoding, Upgrade, Proxy-Connection) are removed; an
    Upgrade request keeps Upgrade and gets `Connection: upgrade`. Connection
@@ -45,6 +47,9 @@ _KEPT_TOKENS = frozenset((b"close", b"keep-alive", b"upgrade", b"host", b"conten
 _ALWAYS = HOP_BY_HOP + (b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
                         b"x-request-id")
 NO_BODY, LENGTH, CHUNKED = 0, 1, 2
+# RFC 3986 host (IP-literal, or reg-name / IPv4: unreserved, pct-encoded,
+# sub-delims) with an optional port.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 
 
 class HeadError(Exception):
@@ -197,7 +202,7 @@ def _general_request(raw: bytes, low: bytes, line_end: int, method: bytes, url: 
         q = url.find(b"?")
         target, path, authority = url, (url if q < 0 else url[:q]), None
     else:
-        target, path, authority = _target(url)
+        target, path, authority = _target(url, method)
     hosts = found.get(b"host", ())
     if len(hosts) > 1:
         raise HeadError(400, "more than one Host header")
@@ -209,6 +214,8 @@ def _general_request(raw: bytes, low: bytes, line_end: int, method: bytes, url: 
         raise HeadError(400, "missing Host header")
     else:
         host_value = b""
+    if _HOST.fullmatch(host_value) is None:
+        raise HeadError(400, "bad Host header")
     host = host_value.lower()
     colon = host.rfind(b":")
     if colon > 0 and host[0] != 91 and host[colon - 1] != 46:  # name:port (91 "[", 46 ".")
@@ -220,6 +227,8 @@ def _general_request(raw: bytes, low: bytes, line_end: int, method: bytes, url: 
     if b"transfer-encoding" in found:
         if _value(raw, found, b"transfer-encoding").lower() != b"chunked":
             raise HeadError(400, "unsupported Transfer-Encoding")
+        if version != b"1.1":
+            raise HeadError(400, "Transfer-Encoding in an HTTP/1.0 request")
         framing = CHUNKED
     elif b"content-length" in found:
         length = int(_value(raw, found, b"content-length"))  # llhttp allows one, all digits
@@ -303,6 +312,8 @@ def _plain_request(raw: bytes, low: bytes, method: bytes, url: bytes, version: b
         return None  # no Host, or two: the general path says which error
     end = low.find(b"\r\n", h + 7)
     host_value = raw[h + 7 : end].strip(b" \t")
+    if _HOST.fullmatch(host_value) is None:
+        return None
     host = low[h + 7 : end].strip(b" \t")
     colon = host.rfind(b":")
     if colon > 0 and host[0] != 91 and host[colon - 1] != 46:  # name:port (91 "[", 46 ".")
@@ -333,7 +344,7 @@ def _plain_request(raw: bytes, low: bytes, method: bytes, url: bytes, version: b
                    b"".join(parts), request_id, low, raw)
 
 
-def _target(url: bytes) -> tuple[bytes, bytes, bytes | None]:
+def _target(url: bytes, method: bytes) -> tuple[bytes, bytes, bytes | None]:
     """(origin-form target, path, authority of an absolute-form target)."""
     if url[:1] == b"/":
         q = url.find(b"?")
@@ -347,7 +358,7 @@ def _target(url: bytes) -> tuple[bytes, bytes, bytes | None]:
             raise HeadError(400, "bad absolute-form target")
         q = target.find(b"?")
         return target, (target if q < 0 else target[:q]), authority
-    if url == b"*":
+    if url == b"*" and method == b"OPTIONS":
         return url, url, None
     raise HeadError(400, "bad request target")
 
