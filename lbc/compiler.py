@@ -58,7 +58,8 @@ def compile_config(config: Config) -> RoutingTable:
         format=FORMAT,
         hash=HASH_NAME,
         settings=Settings(workers=glob.get("workers"), drain_timeout_ms=drain_ms, admin=_admin(glob["admin"], config),
-                          access_log=_access_log(glob["access_log"], config)),
+                          access_log=_access_log(glob["access_log"], config),
+                          max_client_connections=glob["max_client_connections"]),
         listeners=tuple(sorted((_listener(x, config) for x in tree["listeners"]), key=lambda x: x.name)),
         pools=tuple(sorted((_pool(p, config, drain_ms) for p in tree["pools"]), key=lambda p: p.name)),
     )
@@ -79,6 +80,7 @@ def _listener(x: Tree, config: Config) -> Listener:
         tls=_listener_tls(x["tls"], config) if "tls" in x else None,
         timeouts=Timeouts(
             client_header_ms=duration_ms(timeouts["client_header"]),
+            client_body_ms=duration_ms(timeouts["client_body"]),
             idle_ms=duration_ms(timeouts["idle"]),
             connect_ms=duration_ms(timeouts["connect"]),
             response_ms=duration_ms(timeouts["response"]),

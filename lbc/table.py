@@ -56,6 +56,7 @@ def _require(condition: bool, message: str) -> None:
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     client_header_ms: int
+    client_body_ms: int
     idle_ms: int
     connect_ms: int
     response_ms: int
@@ -286,6 +287,7 @@ class Settings:
     drain_timeout_ms: int
     admin: Admin | None  # None: no admin API
     access_log: AccessLog | None  # None: off
+    max_client_connections: int  # per node; each worker holds ceil(max/N)
 
 
 @dataclass(frozen=True, slots=True)

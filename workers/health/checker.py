@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -218,5 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loop.run_until_complete(run())
     finally:
-        (checker.state.run / "health.pid").unlink(missing_ok=True)
+        pid_file = checker.state.run / "health.pid"
+        with contextlib.suppress(OSError, ValueError):
+            if int(pid_file.read_text()) == os.getpid():  # not a successor's
+                pid_file.unlink()
     return 0

@@ -36,7 +36,10 @@ The client connection's state machine:
 - An Upgrade request whose backend answers 101 turns the connection into a
   TUNNEL; bytes the client sent behind the head go through it first.
 - Timeouts are deadlines on the connection, checked by the worker's sweep
-  about once a second (no timer per read).
+  about once a second (no timer per read). While a request body streams to
+  its backend, each read of it moves the deadline to client_body from now
+  (408, or a cut once the response began); once the whole request is sent,
+  the backend has the response timeout.
 - An error answered while a backend connection carries part of the request
   drops that connection (it is in an unknown state); an error after part of
   the response reached the client cuts the client off, as nothing else can
@@ -159,10 +162,12 @@ class Upstream(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.owner is not None:
             self.owner.pause_reading("upstream")
+            self.owner.body_stalled_by_backend(True)
 
     def resume_writing(self) -> None:
         if self.owner is not None:
             self.owner.resume_reading("upstream")
+            self.owner.body_stalled_by_backend(False)
 
 
 def release(up: Upstream, reusable: bool) -> None:
@@ -276,6 +281,11 @@ class HttpClient(asyncio.Protocol):
             return self.tunnel_eof != 3
         if (self.state == HEAD and not self.buf) or self.is_tls:
             return False  # closes (a TLS connection cannot half-close: it closes whatever we answer)
+        if self.state in (CONNECTING, FORWARDING) and not self.req_done and self.resp is None:
+            # The body can never be finished, and no response began: the
+            # request is abandoned (400, as NGINX logs it), not held open to
+            # the body timeout.
+            self._respond_error(400, close=True)
         return True  # finish the response in flight, then close
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -304,6 +314,18 @@ class HttpClient(asyncio.Protocol):
             self.up.transport.resume_reading()
         elif self.state == HEAD and self.buf:
             self._heads()
+
+    def body_stalled_by_backend(self, stalled: bool) -> None:
+        """The backend stops (or starts again) taking the request body: while
+        it does not, the client is not read, and the wait is the backend's
+        (response timeout), not the client's (client_body)."""
+        if not self.req_done and self.state == FORWARDING:
+            if stalled:
+                self.deadline = self.worker.now + self.listener.response_s
+                self.deadline_status = 504
+            else:
+                self.deadline = self.worker.now + self.listener.body_s
+                self.deadline_status = 408
 
     def pause_reading(self, why: str) -> None:
         if not self.paused and self.transport is not None:
@@ -482,10 +504,18 @@ class HttpClient(asyncio.Protocol):
             out, rest = (data, b"") if len(data) <= n else (data[:n], data[n:])
             self.body_left -= len(out)
             done = self.body_left == 0
-        if out:
-            self._to_upstream(out)
+        # The deadline first: a write that fills the backend's buffer moves it
+        # to the backend's (body_stalled_by_backend).
         if done:
             self.req_done = True
+            if self.state == FORWARDING:  # all sent: the backend's turn
+                self.deadline = self.worker.now + self.listener.response_s
+                self.deadline_status = 504
+        elif self.state == FORWARDING:  # the longest gap before the next read of the body
+            self.deadline = self.worker.now + self.listener.body_s
+            self.deadline_status = 408
+        if out:
+            self._to_upstream(out)
         if rest:
             self.buf += rest
             if len(self.buf) > self.listener.rules.max_head:
@@ -496,7 +526,6 @@ class HttpClient(asyncio.Protocol):
         if up is not None and self.state == FORWARDING:
             up.transport.write(data)
             self.pending = None  # sent without a copy: no replay
-            self.deadline = self.worker.now + self.listener.response_s
         else:
             self.pending.append(data)
             self.pending_bytes += len(data)
@@ -612,8 +641,12 @@ class HttpClient(asyncio.Protocol):
         self.sent_at = time.monotonic()
         up.owner = self
         self.state = FORWARDING
-        self.deadline = self.worker.now + self.listener.response_s
-        self.deadline_status = 504
+        if self.req_done:
+            self.deadline = self.worker.now + self.listener.response_s
+            self.deadline_status = 504
+        else:  # the rest of the body is the client's to send
+            self.deadline = self.worker.now + self.listener.body_s
+            self.deadline_status = 408
         write = up.transport.write
         write(self.req.head)
         for piece in self.pending:
@@ -657,10 +690,12 @@ class HttpClient(asyncio.Protocol):
         self._respond_error(status)
 
     def upstream_data(self, data: bytes) -> None:
-        self.deadline = self.worker.now + self.listener.response_s
         if self.state == TUNNEL:
+            self.deadline = self.worker.now + self.listener.response_s
             self.transport.write(data)
             return
+        if self.deadline_status != 408:  # 408: the client's body deadline (client_body) runs
+            self.deadline = self.worker.now + self.listener.response_s
         self.resp_bytes += len(data)
         if self.resp is None:
             self._response_head(self.resp_buf + data if self.resp_buf else data)
@@ -944,6 +979,13 @@ class HttpClient(asyncio.Protocol):
                 self.up.transport.close()
         elif state == HEAD:
             self._reject(408, "request head timeout")
+        elif self.deadline_status == 408:  # a request body stalled (client_body): not the backend's fault
+            self._reject(408, "request body timeout")  # cuts the client off if the response began
+        elif "writing" in self.paused:
+            # The client has not read its response (its backend's reading is
+            # paused for it) for the response timeout: cut it; not a backend
+            # failure (a few slow readers must not eject a backend).
+            self._respond_error(self.deadline_status or 504)
         else:
             self._backend_broken(self.deadline_status or 504)
 

@@ -276,7 +276,7 @@ class CompiledRoute:
 
 class ListenerRuntime:
     __slots__ = ("spec", "name", "key", "protocol", "routes", "pool", "rules", "response_rules",
-                 "idle_s", "header_s", "connect_s", "response_s", "certificates", "subject_header", "stats", "nowhere")
+                 "idle_s", "header_s", "body_s", "connect_s", "response_s", "certificates", "subject_header", "stats", "nowhere")
 
     def __init__(self, spec: tablemod.Listener, pools: dict[str, PoolRuntime], secrets: Path,
                  stats: ListenerStats | None = None) -> None:
@@ -291,6 +291,7 @@ class ListenerRuntime:
         t = spec.timeouts
         self.idle_s = t.idle_ms / 1000
         self.header_s = t.client_header_ms / 1000
+        self.body_s = t.client_body_ms / 1000
         self.connect_s = t.connect_ms / 1000
         self.response_s = t.response_ms / 1000
         tls = spec.tls
@@ -343,6 +344,8 @@ class Router:
         self.listeners = listeners
         self.pools = pools
         self.backends = backends
+        workers = table.settings.workers or os.cpu_count() or 1
+        self.max_clients = math.ceil(table.settings.max_client_connections / workers)
 
     @classmethod
     def build(cls, version: str, table: tablemod.RoutingTable, slots: dict[str, int], previous: Router | None,

@@ -34,6 +34,7 @@ import contextlib
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -61,6 +62,27 @@ PUBLISH_EVERY = 0.25  # seconds between counter publications
 HEALTH_EVERY = 0.05  # seconds between looks at the health overlay's generation
 SWEEP_EVERY = 1.0  # seconds between timeout sweeps
 BACKLOG = 4096
+ROOM_BATCH = 32  # idle connections closed at once when the client limit is reached
+
+
+class Clients(dict):
+    """A set that keeps insertion order, so the limit closes the oldest idle
+    connections first, not one accepted a moment ago."""
+
+    __slots__ = ()
+
+    def add(self, client) -> None:
+        self[client] = None
+
+    def discard(self, client) -> None:
+        self.pop(client, None)
+
+
+class Refused(asyncio.Protocol):
+    """A connection over max_client_connections: closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
 
 
 class Worker:
@@ -71,7 +93,7 @@ class Worker:
         self.router: Router | None = None
         self.servers: dict[BindKey, object] = {}  # asyncio Server, or UdpListener
         self.tls_policy: dict[BindKey, tuple] = {}  # what each https socket's entry context was made of
-        self.clients: set = set()  # every connection and UDP session, for sweeps and drains
+        self.clients = Clients()  # every connection and UDP session, for sweeps, drains and the limit
         self.dirty: set = set()  # counters to publish: BackendRuntime and ListenerStats
         self.retired: dict[str, BackendRuntime] = {}  # draining backends by identity
         self.waiters: dict[str, deque] = {}  # pool name -> clients waiting for a free backend
@@ -94,6 +116,10 @@ class Worker:
         self.shm = shmmod.Shm(state.run / "shm", writable=True)
         self.publish_backend = self.shm.backend_writer(slot)
         self._health_seen: tuple = ()  # (generation, trust per pool) last applied
+        # Every client connection may need a backend connection: half the
+        # open files, less a reserve for listeners, logs and the store.
+        self.fd_clients = (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64) // 2
+        self.max_clients = self.fd_clients
         self._next_unejection = float("inf")
 
     # -- the hot path's helpers --------------------------------------------------
@@ -165,6 +191,7 @@ class Worker:
             self._report(attempted=version, error=message)
             return
         old, self.router = self.router, router
+        self.max_clients = min(router.max_clients, self.fd_clients)
         self._follow_access_log(table.settings.access_log)
         for server in replaced.values():
             server.close()  # its connections go on; new ones reach the new socket
@@ -273,12 +300,33 @@ class Worker:
         return listener.certificates if listener is not None else None
 
     def _accept(self, key: BindKey):
+        if len(self.clients) >= self.max_clients and not self._make_room():
+            self.rejected += 1
+            return Refused()
         listener = self.router.listeners.get(key)
         if listener is not None and listener.protocol in ("http", "https"):
             return HttpClient(self, key)
         if listener is not None and listener.protocol == "tls_passthrough":
             return PassthroughClient(self, key)
         return TcpClient(self, key)
+
+    def _make_room(self) -> bool:
+        """At max_client_connections: close up to ROOM_BATCH idle HTTP
+        connections (between requests, or silent since accepted), oldest
+        first, as NGINX
+        drains its reusable connections, so a flood of idle connections
+        cannot lock real clients out. One scan frees a batch, so a flood
+        costs one scan per ROOM_BATCH accepts. False when none is idle."""
+        victims = []
+        for client in self.clients:
+            if type(client) is HttpClient and client.idle():
+                victims.append(client)
+                if len(victims) == ROOM_BATCH:
+                    break
+        for client in victims:
+            self.clients.discard(client)  # counted out now: its connection_lost comes later
+            client.close_if_idle()
+        return bool(victims)
 
     def _close_listener(self, key: BindKey) -> None:
         server = self.servers.pop(key, None)
@@ -471,9 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loop.run_until_complete(run())
     finally:
-        worker.shm.write_worker(args.slot, state=shmmod.EMPTY, pid=0)
-        try:
-            pid_file.unlink()
-        except FileNotFoundError:
-            pass
+        # A leftover of an earlier run (its supervisord was killed) exits
+        # after its successor took the slot: leave the successor's record.
+        if worker.shm.read_worker(args.slot).pid == os.getpid():
+            worker.shm.write_worker(args.slot, state=shmmod.EMPTY, pid=0)
+        with contextlib.suppress(OSError, ValueError):
+            if int(pid_file.read_text()) == os.getpid():
+                pid_file.unlink()
     return 0
