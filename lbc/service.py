@@ -35,7 +35,9 @@ from lbc.supervise import (
     Ack,
     Node,
     enable_listener_migration,
+    held_sockets,
     probe_binds,
+    stop_processes,
     stop_wait_seconds,
     terminate,
     worker_count,
@@ -353,9 +355,13 @@ class UpResult:
     table: RoutingTable
     acks: tuple[Ack, ...]
     supervisord: subprocess.Popen | None  # in the foreground, the child to wait on
+    replaced: tuple[int, ...] = ()  # leftover workers of an earlier run, now stopped
 
     def render_text(self) -> str:
         lines = [f"lbc is up: table {self.version[:12]}, {len(self.acks)} worker{'s' if len(self.acks) != 1 else ''}."]
+        if self.replaced:
+            lines.append(f"  (took over from the workers of an earlier run, pid {', '.join(map(str, self.replaced))}, "
+                         "which drained and exited)")
         for x in self.table.listeners:
             scheme = {"http": "http://", "https": "https://"}.get(x.protocol, "")
             lines.append(f"  {x.name:<16} {x.protocol:<16} {scheme}{x.bind}")
@@ -371,10 +377,10 @@ def up(state: StateDir, file: str | PathLike[str] | None, *, foreground: bool, a
     if pid is not None:
         raise LbcError(f"lbc already runs for {state.root} (supervisord pid {pid}): "
                        "change its table with lbc apply, stop it with lbc down")
-    orphans = node.orphans()
-    if orphans:
-        raise LbcError(f"workers of an earlier run of {state.root} are still alive (pid {', '.join(map(str, orphans))}) "
-                       "and hold its listeners: stop them (kill the pids) and run lbc up again")
+    # Workers of an earlier run whose supervisord was killed serve on. The new
+    # workers join their listeners (SO_REUSEPORT) and, once they serve, the
+    # leftovers drain and exit: no port conflict, no gap.
+    leftovers = node.orphans()
     compiled = compile_file(file) if file is not None else None
     if compiled is not None:
         table = compiled.table
@@ -382,7 +388,11 @@ def up(state: StateDir, file: str | PathLike[str] | None, *, foreground: bool, a
         _, table = state.current_table()
         if table is None:
             raise LbcError(f"nothing to serve: {state.root} has no table yet; run lbc up FILE")
-    problems = probe_binds(table)
+    # The leftover health checker and admin API serve no traffic: stopped
+    # first, so they free the admin port and cannot remove their successors'
+    # pid files as they exit.
+    stop_processes(node.orphaned_helpers(), timeout=10)
+    problems = probe_binds(table, skip=held_sockets(table, leftovers))
     if problems:
         raise LbcError("cannot listen; nothing was started:\n  " + "\n  ".join(problems))
     if compiled is not None:
@@ -398,7 +408,9 @@ def up(state: StateDir, file: str | PathLike[str] | None, *, foreground: bool, a
             node.shutdown(timeout=30)
         raise LbcError(f"workers did not start serving {version[:12]}: {why}; stopped again "
                        f"(see the logs in {node.run})")
-    return UpResult(version, table, acks, proc)
+    if leftovers:
+        stop_processes(leftovers, timeout=stop_wait_seconds(table))
+    return UpResult(version, table, acks, proc, tuple(leftovers))
 
 
 def wait_foreground(state: StateDir, result: UpResult) -> int:
@@ -436,10 +448,12 @@ def down(state: StateDir, drain_timeout: float | None) -> str:
     timeout), stop the workers and supervisord."""
     node = Node(state)
     if node.supervisord_pid() is None:
-        orphans = node.orphans()
+        orphans, helpers = node.orphans(), node.orphaned_helpers()
+        terminate(orphans + helpers)
         if orphans:
-            terminate(orphans)
             return f"supervisord was gone; sent SIGTERM to leftover workers {', '.join(map(str, orphans))}"
+        if helpers:
+            return f"supervisord was gone; sent SIGTERM to its leftover processes {', '.join(map(str, helpers))}"
         raise LbcError(f"lbc is not running for {state.root}")
     _, table = state.current_table()
     wait = stop_wait_seconds(table) if table is not None else 35

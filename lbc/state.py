@@ -215,7 +215,7 @@ class StateDir:
         try:
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise StateError(f"cannot open {self.lock_file}: {e.strerror}") from None
+            raise StateError(f"cannot open {self.lock_file}: {_reason(e)}") from None
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -227,13 +227,18 @@ class StateDir:
                         raise LockTimeout(self._holder_message(fd, timeout)) from None
                     time.sleep(0.05)
             holder = json.dumps({"pid": os.getpid(), "command": command, "started": now_iso()})
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, holder.encode(), 0)
+            # The holder note only names us to a waiting command: on a full
+            # disk it cannot be written, and the writes of the change itself
+            # fail with the error to report.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, holder.encode(), 0)
             self._remove_temp_files()
             try:
                 yield
             finally:
-                os.ftruncate(fd, 0)
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
         finally:
             os.close(fd)  # releases the flock
 

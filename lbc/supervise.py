@@ -20,6 +20,7 @@ import contextlib
 import errno
 import hashlib
 import http.client
+import ipaddress
 import os
 import resource
 import signal
@@ -124,15 +125,21 @@ class Node:
 
     def orphans(self) -> list[int]:
         """Worker processes of this state still alive without a supervisord."""
-        found = []
-        for pid_file in sorted(self.run.glob("worker-*.pid")):
-            try:
-                pid = int(pid_file.read_text().strip())
-                if "lbc_workers.proxy" in " ".join(psutil.Process(pid).cmdline()):
-                    found.append(pid)
-            except (OSError, ValueError, psutil.Error):
-                continue
-        return found
+        found = (_running(f, "lbc_workers.proxy") for f in sorted(self.run.glob("worker-*.pid")))
+        return [pid for pid in found if pid is not None]
+
+    def orphaned_helpers(self) -> list[int]:
+        """The health checker and the admin API of this state still alive
+        without a supervisord. The admin API asks to go with it
+        (PR_SET_PDEATHSIG), but only once started, and then shuts down
+        gracefully, holding its port meanwhile."""
+        found = [_running(self.run / "health.pid", "lbc_workers.health")]
+        admin = ["-m", "lbc.admin", "--state", str(self.state.root.resolve())]  # as the template runs it
+        for proc in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if (proc.info["cmdline"] or [])[1:] == admin and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc.pid)
+        return [pid for pid in found if pid is not None]
 
     # -- XML-RPC -----------------------------------------------------------------
 
@@ -376,3 +383,69 @@ def terminate(pids: list[int], sig: int = signal.SIGTERM) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+def stop_processes(pids: list[int], timeout: float) -> None:
+    """SIGTERM (workers drain), wait up to `timeout` seconds for every one
+    to exit, then SIGKILL what is left, as supervisord stops a program."""
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(pid))  # signals through it cannot reach a reused pid
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(_gone(p) for p in procs):
+        time.sleep(0.05)
+    for proc in procs:
+        if not _gone(proc):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def _running(pid_file: Path, module: str) -> int | None:
+    """The pid in `pid_file` if that process runs `module`."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        proc = psutil.Process(pid)
+        if proc.status() != psutil.STATUS_ZOMBIE and module in " ".join(proc.cmdline()):
+            return pid
+    except (OSError, ValueError, psutil.Error):
+        pass
+    return None
+
+
+def held_sockets(table: RoutingTable, pids: list[int]) -> set[tuple[str, str, int]]:
+    """The table's listener sockets (Listener.socket_key) that processes
+    `pids` have bound: leftover workers, whose successors join them there."""
+    held = set()
+    if pids:
+        with contextlib.suppress(psutil.Error):
+            for c in psutil.net_connections(kind="inet"):
+                if c.pid not in pids or not c.laddr:
+                    continue
+                if c.type == socket.SOCK_DGRAM:
+                    held.add(("udp", _ip(c.laddr.ip), c.laddr.port))
+                elif c.status == psutil.CONN_LISTEN:
+                    held.add(("tcp", _ip(c.laddr.ip), c.laddr.port))
+    out = set()
+    for x in table.listeners:
+        transport, host, port = x.socket_key
+        if ("udp" if transport == "udp" else "tcp", _ip(host), port) in held:
+            out.add(x.socket_key)
+    return out
+
+
+def _ip(host: str) -> str:
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host
