@@ -80,7 +80,8 @@ pools:
         assert {get(ip, 8080, f"/{pool}/")[2] for _ in range(6)} == {b"good\n"}
 
 
-def test_killed_backend_leaves_rotation_with_no_failed_request_and_comes_back(node, origins, ip):
+@pytest.mark.row("11")
+def test_killed_backend_leaves_rotation_with_no_failed_request_and_comes_back(node, origins, ip, figure):
     survivors = [origins(f"web-{i}", http=[f"{ip}:{9100 + i}"]) for i in (1, 2)]
     victim = origins("web-3", http=[f"{ip}:9103"])
     backends = "".join(f"      - {{id: web-{i}, address: {ip}, port: {9100 + i}}}\n" for i in (1, 2, 3))
@@ -101,13 +102,15 @@ def test_killed_backend_leaves_rotation_with_no_failed_request_and_comes_back(no
         back_after = time.monotonic() - restarted
         served_by_3 = load.backends.get("web-3", 0)
         time.sleep(1.5)
+    figure(f"{len(load.errors)} failed of {load.ok + len(load.errors):,} requests (8 keep-alive clients, retries 1); "
+           f"unhealthy {out_after:.1f} s after the kill, healthy {back_after:.1f} s after the restart "
+           "(interval 1 s, rise 2, fall 3)")
     assert load.errors == []  # retries hid the dead backend from every client
     assert load.ok >= 2000, load.ok
     assert out_after < 8, out_after  # 4 s in the issue (1 s interval x 3 failures + timeouts)
-    assert back_after < 2 * (2 * 1 + 1), back_after  # healthy_threshold x interval + 1 s, doubled
+    assert back_after < 2 * 1 + 1, back_after  # healthy_threshold x interval + 1 s
     assert load.backends["web-3"] > served_by_3  # in rotation again
-    print(f"unhealthy {out_after:.1f}s after the kill, healthy {back_after:.1f}s after the restart; "
-          f"{load.ok} requests ({before_restart} before the restart), 0 errors")
+    print(f"{load.ok} requests ({before_restart} before the restart)")
     del survivors, replacement
 
 
@@ -129,7 +132,8 @@ def test_flapping_backend_never_changes_state(node, origins, ip):
     assert max(record["successes"], record["check_failures"]) == 1  # it did alternate
 
 
-def test_killed_checker_changes_nothing_and_is_back(node, origins, ip):
+@pytest.mark.row("12b")
+def test_killed_checker_changes_nothing_and_is_back(node, origins, ip, figure):
     origins("a", http=[f"{ip}:9101", f"{ip}:9102"])
     node.up(f"version: 1\nglobal: {{workers: 1}}\nlisteners:\n  - {{name: web, bind: \"{ip}:8080\", routes: "
             f"[{{pool: web}}]}}\npools:\n  - name: web\n    health_check: {CHECK}\n    backends:\n"
@@ -154,10 +158,13 @@ def test_killed_checker_changes_nothing_and_is_back(node, origins, ip):
         restarted = time.monotonic() - killed
         time.sleep(2.5)  # a few probes of the new checker
         seen.append(health_of(node))
-    assert all(s == {"up1": "healthy", "down1": "unhealthy"} for s in seen), seen
+    changed = [s for s in seen if s != {"up1": "healthy", "down1": "unhealthy"}]
+    figure(f"checker back after {restarted:.2f} s; {len(changed)} state changes in {len(seen)} looks; "
+           f"{len(load.errors)} failed of {load.ok + len(load.errors):,} requests")
+    assert changed == []
     assert load.errors == [] and load.ok > 100
     assert set(load.backends) == {"a"}
-    print(f"checker back after {restarted:.2f}s; {load.ok} requests, 0 errors")
+    assert restarted < 2
 
 
 def test_unknown_backends_get_traffic_only_when_nothing_is_healthy(node, origins, ip):

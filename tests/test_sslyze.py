@@ -36,7 +36,8 @@ pytestmark = [pytest.mark.timeout(300),
 NAME = "www.example.test"
 
 
-def test_https_listener_is_mozilla_intermediate_compliant(node, origins, ip, tmp_path):
+@pytest.mark.row("16")
+def test_https_listener_is_mozilla_intermediate_compliant(node, origins, ip, tmp_path, figure):
     ca = trustme.CA()
     ca.cert_pem.write_to_path(tmp_path / "ca.pem")
     now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
@@ -97,6 +98,8 @@ def test_https_listener_is_mozilla_intermediate_compliant(node, origins, ip, tmp
     groups = {c.name for c in scan.elliptic_curves.result.supported_curves or ()}
     assert groups == {"X25519", "secp256r1", "secp384r1"}, groups
     tls12 = {c.cipher_suite.name for c in scan.tls_1_2_cipher_suites.result.accepted_cipher_suites}
+    figure(f"Mozilla intermediate findings: {sorted(issues) or 'none'} (trustme's certificate); TLS "
+           f"{', '.join(sorted(versions))}; groups {', '.join(sorted(groups))}; {len(tls12)} TLS 1.2 suites, all ECDHE+AEAD")
     assert tls12 and all("_ECDHE_ECDSA_" in c and ("GCM" in c or "CHACHA20" in c) for c in tls12), tls12
     assert scan.tls_fallback_scsv.result.supports_fallback_scsv
     assert scan.session_renegotiation.result.supports_secure_renegotiation
