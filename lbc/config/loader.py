@@ -233,6 +233,9 @@ class _Builder:
                     if value is _NON_FINITE:
                         self.error(mark, path, f"{ev.value} is not a finite number")
                         value = None
+                    elif value is _TOO_LONG:
+                        self.error(mark, path, f"a number of {len(ev.value)} characters is too large")
+                        value = None
                 else:
                     if len(stack) >= MAX_DEPTH:
                         raise self.fatal(mark, path, f"nesting deeper than {MAX_DEPTH} levels")
@@ -275,6 +278,7 @@ class _Builder:
 
 _EMPTY = object()
 _NON_FINITE = object()
+_TOO_LONG = object()
 
 
 def _scalar(ev: ScalarEvent) -> Any:
@@ -292,7 +296,10 @@ def _scalar(ev: ScalarEvent) -> Any:
     if _FALSE.match(value):
         return False
     if _INT10.match(value):
-        return int(value, 10)
+        try:
+            return int(value, 10)
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits(), 4300)
+            return _TOO_LONG
     if _INT8.match(value):
         return int(value[2:], 8)
     if _INT16.match(value):

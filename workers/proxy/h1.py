@@ -175,6 +175,11 @@ def parse_request_head(raw: bytes, method: bytes, url: bytes, version: bytes, ru
     (the verified client certificate subject of an mTLS connection).
     (Written for the common case: a few dict lookups when the head holds
     none of the headers the rules act on.)"""
+    if raw[0] == 13 or raw[0] == 10:
+        # A CR or LF left before the request line (whole CRLF pairs are
+        # skipped before this): llhttp skips it, the line offsets here would
+        # not, and the request line would be forwarded as a header line.
+        raise HeadError(400, "bad line ending")
     line_end = raw.find(b"\r\n")
     if line_end > rules.max_request_line:
         raise HeadError(414, "request line too long")
