@@ -19,8 +19,7 @@ import pytest
 # The bar: HAProxy 2.6's figures, measured on this kind of machine.
 ROWS: dict[str, tuple[str, str]] = {
     "1": ("header size/count limits", "95 headers and a 15 KiB header pass; 105 headers, a 20 KiB header, a 20 KiB "
-          "URL get 431/400/414 (HAProxy: same split; lbc answers the 20 KiB "
-          "header with RFC 6585's 431)"),
+          "URL get 431/400/414 (HAProxy: same split; lbc answers the 20 KiB header with RFC 6585's 431)"),
     "2": ("unfinished header", "408 and closed within client_header + 1 s; default <= 10 s (HAProxy: 408 at 10.2 s)"),
     "3": ("slowloris", "available in every sample; all attack connections closed before the end (HAProxy: by 15 s)"),
     "4": ("slow body", "available throughout; bonus: a body timeout closes them (HAProxy holds all 1,000)"),
