@@ -17,12 +17,15 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # Debian packages the tests need: redis-server (the sticky store tests run a
-# real one). Installed with apt-get when missing.
+# real one), keepalived and iproute2 (the virtual IP failover test, in network
+# namespaces). Installed with apt-get when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 sysdeps:
-	@command -v redis-server >/dev/null || { echo "installing redis-server with apt-get"; \
+	@command -v redis-server >/dev/null && { command -v keepalived || test -x /usr/sbin/keepalived; } >/dev/null \
+		&& command -v ip >/dev/null || { echo "installing redis-server, keepalived and iproute2 with apt-get"; \
 		$(SUDO) apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			redis-server keepalived iproute2 >/dev/null; }
 
 # What `make scorecard` drives besides the tests' own clients: slowhttptest
 # and hey, from Debian's packages.

@@ -207,6 +207,8 @@ def up(
     state: StateOption = DEFAULT_STATE,
     foreground: Annotated[bool, typer.Option("--foreground", help="Stay attached; Ctrl-C drains and stops.")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Also run `lbc watch FILE` under supervisord.")] = False,
+    ha_node: Annotated[str | None, typer.Option(
+        "--ha-node", help="Which of global.ha's nodes this is (default: the one whose address is on this machine).")] = None,
     lock_timeout: LockTimeout = 30.0,
 ) -> None:
     """Start supervisord and the proxy workers, and return once every worker serves the table."""
@@ -215,7 +217,7 @@ def up(
             raise LbcError("--watch needs the config FILE to watch")
         store = StateDir(state)
         result = service.up(store, file, foreground=foreground, argv=_argv(), lock_timeout=lock_timeout,
-                            watch=file.resolve() if watch else None)
+                            watch=file.resolve() if watch else None, ha_node=ha_node)
         typer.echo(result.render_text(), nl=False)
         if foreground:
             typer.echo("Running in the foreground; Ctrl-C drains and stops.")
@@ -252,6 +254,32 @@ def down(
     """Stop accepting, let in-flight requests finish, stop the workers and supervisord."""
     with _reported():
         typer.echo(service.down(StateDir(state), drain_timeout))
+
+
+export_app = typer.Typer(no_args_is_help=True, help="Render configuration for programs beside lbc.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("keepalived")
+def export_keepalived(
+    file: Annotated[Path, typer.Argument(help="Config with a global.ha section.")],
+    state: StateOption = DEFAULT_STATE,
+    node: Annotated[str | None, typer.Option(
+        "--node", help="Which of global.ha's nodes (default: the one whose address is on this machine).")] = None,
+) -> None:
+    """keepalived.conf for one node: VRRPv3 for the virtual IPs, with lbc's node check as its script."""
+    with _reported():
+        typer.echo(service.export_keepalived(file, StateDir(state), node), nl=False)
+
+
+@app.command("drain-node")
+def drain_node(
+    state: StateOption = DEFAULT_STATE,
+    undo: Annotated[bool, typer.Option("--undo", help="Take traffic again.")] = False,
+) -> None:
+    """Make /healthz and the node check fail, so traffic moves to other nodes; in-flight work finishes."""
+    with _reported():
+        typer.echo(service.drain_node(StateDir(state), undo))
 
 
 @app.command("reopen-logs")

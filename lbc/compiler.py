@@ -32,7 +32,9 @@ from lbc.table import (
     Admin,
     Backend,
     Certificate,
+    HaNode,
     HealthCheck,
+    HighAvailability,
     Limits,
     Listener,
     ListenerTLS,
@@ -59,7 +61,8 @@ def compile_config(config: Config) -> RoutingTable:
         hash=HASH_NAME,
         settings=Settings(workers=glob.get("workers"), drain_timeout_ms=drain_ms, admin=_admin(glob["admin"], config),
                           access_log=_access_log(glob["access_log"], config),
-                          max_client_connections=glob["max_client_connections"]),
+                          max_client_connections=glob["max_client_connections"],
+                          ha=_ha(glob["ha"]) if "ha" in glob else None),
         listeners=tuple(sorted((_listener(x, config) for x in tree["listeners"]), key=lambda x: x.name)),
         pools=tuple(sorted((_pool(p, config, drain_ms) for p in tree["pools"]), key=lambda p: p.name)),
     )
@@ -184,6 +187,19 @@ def _admin(a: Tree, config: Config) -> Admin | None:
     host, port = parse_bind(a["bind"])
     return Admin(host=host, port=port,
                  token_sha256=config.files[a["token_file"]].sha256 if "token_file" in a else None)
+
+
+def _ha(h: Tree) -> HighAvailability:
+    return HighAvailability(
+        virtual_ips=tuple(str(ipaddress.ip_interface(v)) for v in h["virtual_ips"]),
+        interface=h["interface"],
+        router_id=h["router_id"],
+        advert_interval_ms=duration_ms(h["advert_interval"]),
+        check_interval_ms=duration_ms(h["check_interval"]),
+        preempt=h["preempt"],
+        keepalived=h["keepalived"],
+        nodes=tuple(HaNode(n["name"], _normal_address(n["address"]), n["priority"]) for n in h["nodes"]),
+    )
 
 
 def _health(h: Tree) -> HealthCheck:

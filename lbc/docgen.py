@@ -24,6 +24,8 @@ SECTIONS = (
     ("global", "#/$defs/global"),
     ("global.admin", "#/$defs/admin"),
     ("global.access_log", "#/$defs/access_log"),
+    ("global.ha", "#/$defs/ha"),
+    ("global.ha.nodes[]", "#/$defs/ha/properties/nodes/items"),
     ("listeners[]", "#/$defs/listener"),
     ("listeners[].routes[]", "#/$defs/route"),
     ("listeners[].routes[].match", "#/$defs/match"),
@@ -123,9 +125,16 @@ def cli_reference() -> str:
     group = typer.main.get_command(app)
     ctx = typer.Context(group, info_name="lbc")
     out = []
+    commands = []
     for name in group.list_commands(ctx):
         cmd = group.get_command(ctx, name)
-        sub = typer.Context(cmd, info_name=name, parent=ctx)
+        if hasattr(cmd, "list_commands"):  # a group: `lbc export keepalived`
+            inner = typer.Context(cmd, info_name=name, parent=ctx)
+            commands += [(f"{name} {sub}", cmd.get_command(inner, sub), inner) for sub in cmd.list_commands(inner)]
+        else:
+            commands.append((name, cmd, ctx))
+    for name, cmd, parent in commands:
+        sub = typer.Context(cmd, info_name=name, parent=parent)
         usage = re.sub(r"\{(\w+)\}", lambda m: m.group(1).upper(), " ".join(cmd.collect_usage_pieces(sub)))
         out += [f"#### `lbc {name} {usage}`".replace("  ", " "), "", (cmd.help or "").strip(), ""]
         rows = []

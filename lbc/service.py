@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from lbc import mutate, shm
+from lbc import keepalived, mutate, nodecheck, shm
 from lbc import table as tablemod
 from lbc.compiler import compile_config
 from lbc.config import Config, load
@@ -40,9 +40,8 @@ from lbc.supervise import (
     stop_processes,
     stop_wait_seconds,
     terminate,
-    worker_count,
 )
-from lbc.table import RoutingTable
+from lbc.table import RoutingTable, worker_count
 
 SAVED_PLAN_KEY = "lbc_plan"
 SAVED_PLAN_FORMAT = 1
@@ -293,8 +292,8 @@ def _install_and_deliver(state: StateDir, table: RoutingTable, data: bytes, secr
     if not running:
         return Delivery(running=False, waited=False)
     try:
-        if base is None or worker_count(base) != worker_count(table):
-            node.set_worker_count(table)
+        if base is None or worker_count(base) != worker_count(table) or base.settings.ha != table.settings.ha:
+            node.reconcile(table)
         node.signal_workers()
         if admin_changed:
             node.restart_admin()
@@ -313,8 +312,8 @@ def _install_and_deliver(state: StateDir, table: RoutingTable, data: bytes, secr
     revert = _record(record.previous, record.version, "revert", record.origin, None, None, record.argv)
     state.install(base, tablemod.dump(base), {}, revert)
     with contextlib.suppress(LbcError):  # best effort: the error above is what the user needs
-        if worker_count(base) != worker_count(table):
-            node.set_worker_count(base)
+        if worker_count(base) != worker_count(table) or base.settings.ha != table.settings.ha:
+            node.reconcile(base)
         node.signal_workers()
         if admin_changed:
             node.restart_admin()
@@ -369,9 +368,11 @@ class UpResult:
 
 
 def up(state: StateDir, file: str | PathLike[str] | None, *, foreground: bool, argv: str, lock_timeout: float,
-       ack_timeout: float = 15.0, watch: Path | None = None) -> UpResult:
+       ack_timeout: float = 15.0, watch: Path | None = None, ha_node: str | None = None) -> UpResult:
     """Start supervisord and the workers on FILE (applied first) or, without
-    FILE, on the state's current table; return once every worker serves it."""
+    FILE, on the state's current table; return once every worker serves it.
+    With global.ha, keepalived too, for the node `ha_node` names or whose
+    address is on this machine."""
     node = Node(state)
     pid = node.supervisord_pid()
     if pid is not None:
@@ -395,11 +396,13 @@ def up(state: StateDir, file: str | PathLike[str] | None, *, foreground: bool, a
     problems = probe_binds(table, skip=held_sockets(table, leftovers))
     if problems:
         raise LbcError("cannot listen; nothing was started:\n  " + "\n  ".join(problems))
+    if table.settings.ha is not None and table.settings.ha.keepalived:
+        keepalived.this_node(table.settings.ha, ha_node)  # which node this is, before anything starts
     if compiled is not None:
         apply(compiled, state, argv=argv, lock_timeout=lock_timeout)
     version, table = state.current_table()
     enable_listener_migration()
-    proc = node.start(table, foreground, watch=watch)
+    proc = node.start(table, foreground, watch=watch, ha_node=ha_node)
     acks = tuple(node.wait_for(version, ack_timeout))
     failed = [a for a in acks if not a.ok]
     if failed:
@@ -511,11 +514,13 @@ class NodeStatus:
     checker_age_s: float | None  # since the health checker's last heartbeat; None: never seen
     checker_trusted: bool  # fresh enough (three intervals) for workers to use its verdicts
     watch: dict | None  # what `lbc watch` last did (state, message, version, time), if it ran
+    node: nodecheck.NodeHealth  # should the node take traffic (/healthz, keepalived's check)
 
     def render_text(self) -> str:
         out = [f"state:     {self.state}",
                f"running:   {f'yes (supervisord pid {self.supervisord_pid})' if self.running else 'no'}",
-               f"live:      {self.live_version[:12] if self.live_version else '(nothing installed)'}"]
+               f"live:      {self.live_version[:12] if self.live_version else '(nothing installed)'}",
+               f"node:      {'takes traffic' if self.node.ok else 'unavailable: ' + self.node.reason}"]
         if self.processes:
             out += ["", f"{'PROCESS':<12} {'STATE':<9} {'PID':>7} {'UPTIME':>8} {'SERVES':<12} {'RSS':>9} {'CPU%':>5}"]
             for p in self.processes:
@@ -605,35 +610,22 @@ def status(state: StateDir, process_figures: bool = True) -> NodeStatus:
         if memory is not None:
             memory.close()
     return NodeStatus(str(state.root), running, node.supervisord_pid(), live, tuple(processes), tuple(backends),
-                      checker_age, trusted, state.watch_status())
+                      checker_age, trusted, state.watch_status(), nodecheck.check(state))
 
 
-def node_health(state: StateDir) -> dict[str, Any]:
-    """Should this node take traffic? `ok` when a table is live and every
-    worker runs and serves it (the admin API's /healthz)."""
-    node = Node(state)
-    live, table = state.current_table()
-    wanted = worker_count(table) if table is not None else 0
-    running = [p for p in node.workers() if p.state == "RUNNING"] if node.running() else []
-    serving = 0
-    checker_age = None
-    if running and node.shm_file.exists():
-        memory = shm.Shm(node.shm_file)
-        try:
-            serving = sum(1 for p in running if memory.read_worker(p.slot).version == live)
-            beat, _ = memory.health_heartbeat()
-            checker_age = round(time.time() - beat, 3) if beat else None
-        finally:
-            memory.close()
-    out: dict[str, Any] = {"status": "ok", "version": live, "workers": len(running), "serving": serving,
-                           "checker_age_s": checker_age}
-    if live is None:
-        out.update(status="unavailable", reason="no table is installed")
-    elif not running:
-        out.update(status="unavailable", reason="no worker is running")
-    elif serving < wanted:
-        out.update(status="unavailable", reason=f"{wanted - serving} of {wanted} workers do not serve {live[:12]}")
-    return out
+def export_keepalived(file: str | PathLike[str], state: StateDir, node: str | None) -> str:
+    """keepalived.conf for one node of FILE's global.ha (run keepalived yourself)."""
+    ha = keepalived.ha_of(compile_file(file).table)
+    return keepalived.render(ha, keepalived.this_node(ha, node), state.root, exported=True)
+
+
+def drain_node(state: StateDir, undo: bool) -> str:
+    """Make the node check fail (or pass again); traffic is not touched."""
+    changed = nodecheck.set_draining(state, not undo)
+    if undo:
+        return "the node takes traffic again" if changed else "the node was not drained"
+    return ("drained: /healthz and the node check fail, so keepalived or an upstream balancer moves new traffic "
+            "away; in-flight work goes on" if changed else "the node was already drained")
 
 
 HEALTH_NAMES = {0: "unknown", 1: "healthy", 2: "unhealthy"}  # as lbc_workers.health.machine

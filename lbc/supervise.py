@@ -23,6 +23,7 @@ import http.client
 import ipaddress
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,15 +38,17 @@ import jinja2
 import psutil
 from supervisor.xmlrpc import SupervisorTransport
 
+from lbc import keepalived
 from lbc import shm as shmmod
 from lbc.config.addresses import format_hostport
 from lbc.errors import LbcError
 from lbc.state import StateDir
-from lbc.table import RoutingTable
+from lbc.table import RoutingTable, worker_count
 
 WORKER_PREFIX = "worker-"
 HEALTH = "health"  # the health checker's program
 ADMIN = "admin"  # the admin API's program
+KEEPALIVED = "keepalived"  # global.ha's VRRP, when lbc runs it
 MAX_SOCKET_PATH = 100
 
 
@@ -73,10 +76,6 @@ class Ack:
     detail: str  # why not, when not ok
 
 
-def worker_count(table: RoutingTable) -> int:
-    return table.settings.workers or os.cpu_count() or 1
-
-
 def stop_wait_seconds(table: RoutingTable) -> int:
     longest = max([table.settings.drain_timeout_ms] + [p.drain_timeout_ms for p in table.pools])
     return -(-longest // 1000) + 5
@@ -92,6 +91,8 @@ class Node:
         self.pid_file = self.run / "supervisord.pid"
         self.shm_file = self.run / "shm"
         self.watch_target = self.run / "watch.target"  # the file `lbc up --watch` watches
+        self.keepalived_conf = self.run / "keepalived.conf"
+        self.ha_node_file = self.run / "ha-node"  # `lbc up --ha-node NAME`; else found by address
         sock = self.run / "sv.sock"
         if len(str(sock.resolve())) > MAX_SOCKET_PATH:
             digest = hashlib.sha256(str(state.root.resolve()).encode()).hexdigest()[:16]
@@ -164,7 +165,8 @@ class Node:
 
     # -- starting and stopping -------------------------------------------------
 
-    def render(self, workers: int, stopwaitsecs: int, foreground: bool, watch: str | None = None) -> str:
+    def render(self, workers: int, stopwaitsecs: int, foreground: bool, watch: str | None = None,
+               keepalived: str | None = None) -> str:
         template = jinja2.Environment(autoescape=False, keep_trailing_newline=True).from_string(
             files("lbc.templates").joinpath("supervisord.conf.j2").read_text()
         )
@@ -180,18 +182,35 @@ class Node:
             minfds=minfds,
             foreground=foreground,
             watch=watch,
+            keepalived=keepalived,
+            keepalived_conf=self.keepalived_conf,
         )
 
     def write_config(self, table: RoutingTable, foreground: bool) -> None:
         self.run.mkdir(parents=True, exist_ok=True)
         (self.run / "openssl.cnf").write_text(files("lbc.templates").joinpath("openssl.cnf.j2").read_text())
         watch = self.watch_target.read_text().strip() if self.watch_target.exists() else None
-        text = self.render(worker_count(table), stop_wait_seconds(table), foreground, watch)
-        tmp = self.conf.with_name(self.conf.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.conf)
+        keepalived = self._write_keepalived(table)
+        _replace(self.conf, self.render(worker_count(table), stop_wait_seconds(table), foreground, watch, keepalived))
 
-    def start(self, table: RoutingTable, foreground: bool, watch: Path | None = None) -> subprocess.Popen | None:
+    def _write_keepalived(self, table: RoutingTable) -> str | None:
+        """keepalived.conf for this node when lbc runs keepalived; the
+        binary's path, or None."""
+        ha = table.settings.ha
+        if ha is None or not ha.keepalived:
+            return None
+        binary = shutil.which("keepalived") or next(
+            (p for p in ("/usr/sbin/keepalived", "/sbin/keepalived") if os.access(p, os.X_OK)), None)
+        if binary is None:
+            raise LbcError("global.ha: keepalived is not installed (Debian's keepalived package); or set "
+                           "global.ha.keepalived: false and run it yourself with `lbc export keepalived`")
+        name = self.ha_node_file.read_text().strip() if self.ha_node_file.exists() else None
+        node = keepalived.this_node(ha, name)
+        _replace(self.keepalived_conf, keepalived.render(ha, node, self.state.root))
+        return binary
+
+    def start(self, table: RoutingTable, foreground: bool, watch: Path | None = None,
+              ha_node: str | None = None) -> subprocess.Popen | None:
         """Start supervisord (and with it the workers). Daemonized, it forks
         and returns once the control socket answers; in the foreground the
         caller gets the child process to wait on."""
@@ -203,6 +222,10 @@ class Node:
             self.watch_target.write_text(f"{watch}\n")
         else:
             self.watch_target.unlink(missing_ok=True)
+        if ha_node is not None:
+            self.ha_node_file.write_text(f"{ha_node}\n")
+        else:
+            self.ha_node_file.unlink(missing_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         self.write_config(table, foreground)
@@ -238,9 +261,10 @@ class Node:
             rpc.supervisor.stopProcess(f"{ADMIN}:{ADMIN}")
         rpc.supervisor.startProcess(f"{ADMIN}:{ADMIN}", False)
 
-    def set_worker_count(self, table: RoutingTable) -> None:
-        """Add or remove worker programs to match the table, leaving the
-        others running."""
+    def reconcile(self, table: RoutingTable) -> None:
+        """Add or remove programs (workers, keepalived) to match the table,
+        leaving the others running; a running keepalived rereads its
+        configuration (SIGHUP)."""
         self.write_config(table, foreground=self._foreground())
         rpc = self._rpc()
         added, changed, removed = rpc.supervisor.reloadConfig()[0]
@@ -250,6 +274,9 @@ class Node:
             rpc.supervisor.removeProcessGroup(name)
         for name in added:
             rpc.supervisor.addProcessGroup(name)
+        if KEEPALIVED not in added and table.settings.ha is not None and table.settings.ha.keepalived:
+            with contextlib.suppress(SupervisorError):  # not running: it reads the file as it starts
+                rpc.supervisor.signalProcess(f"{KEEPALIVED}:{KEEPALIVED}", "HUP")
 
     def _foreground(self) -> bool:
         try:
@@ -383,6 +410,12 @@ def terminate(pids: list[int], sig: int = signal.SIGTERM) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def stop_processes(pids: list[int], timeout: float) -> None:

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -282,12 +283,39 @@ class AccessLog:
 
 
 @dataclass(frozen=True, slots=True)
+class HaNode:
+    name: str
+    address: str
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class HighAvailability:
+    virtual_ips: tuple[str, ...]  # address/prefix
+    interface: str
+    router_id: int
+    advert_interval_ms: int
+    check_interval_ms: int
+    preempt: bool
+    keepalived: bool  # lbc up runs it
+    nodes: tuple[HaNode, ...]
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.router_id <= 255, "router_id out of range")
+        _require(len({n.name for n in self.nodes}) == len(self.nodes), "duplicate ha node name")
+
+    def node(self, name: str) -> HaNode | None:
+        return next((n for n in self.nodes if n.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     workers: int | None  # None: as many as the machine has CPUs
     drain_timeout_ms: int
     admin: Admin | None  # None: no admin API
     access_log: AccessLog | None  # None: off
     max_client_connections: int  # per node; each worker holds ceil(max/N)
+    ha: HighAvailability | None  # None: a node of its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +365,11 @@ class RoutingTable:
 
 
 # -- encoding ----------------------------------------------------------------
+
+
+def worker_count(table: RoutingTable) -> int:
+    """Proxy workers a node runs for this table."""
+    return table.settings.workers or os.cpu_count() or 1
 
 
 def to_plain(value: Any) -> Any:

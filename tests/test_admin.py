@@ -9,6 +9,8 @@ import http.client
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -188,6 +190,43 @@ def test_config_and_healthz(stack, node):
     finally:
         os.kill(pid, signal.SIGCONT)
     assert wait_until(lambda: stack.call("GET", "/healthz")[0] == 200, 10)
+
+
+def node_check(node) -> subprocess.CompletedProcess[str]:
+    """The script keepalived runs."""
+    return subprocess.run([sys.executable, "-m", "lbc.nodecheck", "--state", str(node.state)],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_drain_node_fails_the_node_check_and_traffic_goes_on(stack, node):
+    assert node_check(node).returncode == 0
+    kept = http.client.HTTPConnection(stack.ip, 8080, timeout=10)  # a client already connected
+    assert get(stack.ip, 8080, conn=kept)[0] == 200
+    assert "drained" in node.lbc("drain-node").stdout
+    code, h = stack.call("GET", "/healthz")
+    assert code == 503 and h["draining"] and h["reason"] == "drained by lbc drain-node", h
+    check = node_check(node)
+    assert check.returncode == 1 and "drained" in check.stdout
+    assert "unavailable: drained" in node.lbc("status").stdout
+    assert get(stack.ip, 8080, conn=kept)[0] == 200  # the node still serves what reaches it
+    assert get(stack.ip, 8080)[0] == 200
+    kept.close()
+    assert "takes traffic again" in node.lbc("drain-node", "--undo").stdout
+    code, h = stack.call("GET", "/healthz")
+    assert code == 200 and not h["draining"]
+    assert node_check(node).returncode == 0
+
+
+def test_node_check_fails_without_serving_workers(stack, node):
+    for pid in node.worker_pids().values():
+        os.kill(pid, signal.SIGSTOP)  # wedged: alive, but no heartbeat
+    try:
+        assert wait_until(lambda: node_check(node).returncode == 1, 6)
+        assert "2 of 2 workers" in node_check(node).stdout
+    finally:
+        for pid in node.worker_pids().values():
+            os.kill(pid, signal.SIGCONT)
+    assert wait_until(lambda: node_check(node).returncode == 0, 6)
 
 
 def test_drift_is_shown_by_plan_and_undone_by_apply(stack, node, ip):

@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from lbc import mutate, service
+from lbc import mutate, nodecheck, service
 from lbc import table as tablemod
 from lbc.errors import LbcError, Rejected
 from lbc.service import ApplyFailed
@@ -194,8 +194,8 @@ class Api:
 
     async def healthz(self, request: Request) -> Response:
         await self.checked(request)
-        h = await run_in_threadpool(service.node_health, self.state)
-        return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
+        h = await run_in_threadpool(nodecheck.check, self.state)
+        return JSONResponse(h.as_json(), status_code=200 if h.ok else 503)
 
     def live(self) -> tuple[str, tablemod.RoutingTable]:
         version, table = self.state.current_table()

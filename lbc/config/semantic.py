@@ -9,6 +9,7 @@ tells a value the user wrote from one a default filled in.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import defaultdict
 from typing import Any
@@ -58,6 +59,7 @@ class _Checker:
         for i, pool in dicts(self.data, "pools"):
             self.check_pool(("pools", i), pool)
         self.check_backend_ids()
+        self.check_ha()
 
     # -- names ------------------------------------------------------------
 
@@ -314,6 +316,56 @@ class _Checker:
                     seen[backend_id] = ("pools", i, "backends", j)
 
     # -- values -----------------------------------------------------------
+
+    # -- high availability --------------------------------------------------
+
+    def check_ha(self) -> None:
+        glob = self.data.get("global")
+        ha = glob.get("ha") if isinstance(glob, dict) else None
+        if not isinstance(ha, dict):
+            return
+        base = ("global", "ha")
+        vips = []
+        for i, v in enumerate(ha.get("virtual_ips") or ()):
+            if isinstance(v, str):
+                try:
+                    vips.append(ipaddress.ip_interface(v))
+                except ValueError as e:
+                    self.error(base + ("virtual_ips", i), f"not an address with a prefix length: {e}")
+        names: dict[str, int] = {}
+        addresses: dict[Any, int] = {}
+        priorities: dict[int, int] = {}
+        for i, n in dicts(ha, "nodes"):
+            where = base + ("nodes", i)
+            if isinstance(n.get("name"), str):
+                if n["name"] in names:
+                    self.error(where + ("name",), f"node name {n['name']!r} is also nodes[{names[n['name']]}]'s")
+                names.setdefault(n["name"], i)
+            if isinstance(n.get("address"), str):
+                try:
+                    address = ipaddress.ip_address(n["address"])
+                except ValueError as e:
+                    self.error(where + ("address",), str(e))
+                else:
+                    if address in addresses:
+                        self.error(where + ("address",), f"{address} is also nodes[{addresses[address]}]'s address")
+                    if any(address == v.ip for v in vips):
+                        self.error(where + ("address",), f"{address} is a virtual IP: a node needs an address of its own")
+                    if any(address.version != v.version for v in vips):
+                        self.error(where + ("address",), "node addresses and virtual IPs must be of one IP version "
+                                   "(one VRRP instance carries one family)")
+                    addresses.setdefault(address, i)
+            if isinstance(n.get("priority"), int) and not isinstance(n["priority"], bool):
+                if n["priority"] in priorities:
+                    self.warn(where + ("priority",), f"the same priority as nodes[{priorities[n['priority']]}]: "
+                              "VRRP then prefers the higher address")
+                priorities.setdefault(n["priority"], i)
+        advert = self.nonnegative_duration(base + ("advert_interval",), ha.get("advert_interval"))
+        if advert is not None and not 10 <= advert <= 40_950:
+            self.error(base + ("advert_interval",), "must be between 10ms and 40.95s (VRRPv3 counts centiseconds)")
+        check = self.nonnegative_duration(base + ("check_interval",), ha.get("check_interval"))
+        if check is not None and (check < 1000 or check % 1000):
+            self.error(base + ("check_interval",), "must be whole seconds, at least 1s (keepalived's script interval)")
 
     def positive_duration(self, path: Path, value: Any) -> int | None:
         ms = self.nonnegative_duration(path, value)

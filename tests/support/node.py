@@ -33,10 +33,11 @@ class Origin:
 
     def __init__(self, ident: str, *, http=(), tcp=(), udp=(), hang=(), https=(), tcps=(),
                  cert: Path | None = None, key: Path | None = None, log: Path | None = None,
-                 status: int = 0) -> None:
+                 status: int = 0, prefix: tuple[str, ...] = ()) -> None:
         """`https`/`tcps` serve HTTP and the TCP echo over TLS with `cert`
-        (PEM chain) and `key`."""
-        cmd = [sys.executable, str(ORIGIN), "--id", ident] + (["--status", str(status)] if status else [])
+        (PEM chain) and `key`. `prefix` runs it through a command
+        (`ip netns exec NS`)."""
+        cmd = [*prefix, sys.executable, str(ORIGIN), "--id", ident] + (["--status", str(status)] if status else [])
         for flag, addrs in (("--http", http), ("--tcp", tcp), ("--udp", udp), ("--hang", hang), ("--https", https),
                             ("--tcps", tcps)):
             for a in addrs:
@@ -66,15 +67,18 @@ class Origin:
 class LbcNode:
     """An lbc state directory and the processes `lbc up` starts for it."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, prefix: tuple[str, ...] = ()) -> None:
+        """`prefix` runs every lbc command through a command (`ip netns exec
+        NS`: the node then lives in that network namespace)."""
         directory.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
         self.dir = directory
         self.state = directory / "state"
         self.config = directory / "pool.yaml"
         self.seen_pids: set[int] = set()
 
     def lbc(self, *args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "lbc", *args, "--state", str(self.state)],
+        result = subprocess.run([*self.prefix, sys.executable, "-m", "lbc", *args, "--state", str(self.state)],
                                 capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
         self._remember()
         return result

@@ -12,7 +12,6 @@ connection, or a UDP session) holds the Router it started with.
 from __future__ import annotations
 
 import math
-import os
 import random
 import re
 from bisect import bisect_left
@@ -344,7 +343,7 @@ class Router:
         self.listeners = listeners
         self.pools = pools
         self.backends = backends
-        workers = table.settings.workers or os.cpu_count() or 1
+        workers = tablemod.worker_count(table)
         self.max_clients = math.ceil(table.settings.max_client_connections / workers)
 
     @classmethod
@@ -355,7 +354,7 @@ class Router:
         Pure apart from the objects it reuses and the files it reads (the
         table's secrets; `node_secret` gives the node's own cookie secret):
         nothing is opened or closed."""
-        workers = table.settings.workers or os.cpu_count() or 1
+        workers = tablemod.worker_count(table)
         old_backends = previous.backends if previous else {}
         old_pools = previous.pools if previous else {}
         backends: dict[str, BackendRuntime] = {}

@@ -1,0 +1,182 @@
+"""Two lbc nodes behind one virtual IP, in network namespaces the test makes
+(two nodes and a client on one bridge): keepalived, run by `lbc up` from
+global.ha, moves the address when a node's workers stop and when a node
+dies, and does not move it back when the node returns (nopreempt)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from support.netns import SUBNET, Lan, can_make
+from support.node import LbcNode, Origin, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+VIP = f"{SUBNET}.100"
+CLIENT = Path(__file__).resolve().parent / "support" / "vip_client.py"
+
+CONFIG = f"""\
+version: 1
+global:
+  workers: 1
+  drain_timeout: 1s
+  ha:
+    virtual_ips: [{VIP}/24]
+    interface: eth0
+    router_id: 77
+    advert_interval: 200ms
+    nodes:
+      - {{name: a, address: {SUBNET}.1, priority: 150}}
+      - {{name: b, address: {SUBNET}.2, priority: 100}}
+listeners:
+  - {{name: web, bind: "0.0.0.0:8080", routes: [{{pool: web}}]}}
+pools:
+  - name: web
+    backends: [{{id: local, address: 127.0.0.1, port: 9101}}]
+"""
+
+
+@pytest.fixture
+def lan():
+    why = can_make()
+    if why is not None:
+        pytest.skip(why)
+    if shutil.which("keepalived") is None and not os.path.exists("/usr/sbin/keepalived"):
+        pytest.fail("keepalived is not installed (`make test` installs Debian's keepalived)")
+    net = Lan()
+    try:
+        for name, number in (("a", 1), ("b", 2), ("c", 10)):
+            net.host(name, number)
+        yield net
+    finally:
+        net.close()
+
+
+class Watch:
+    """The client in its namespace, its lines collected as (time, outcome)."""
+
+    def __init__(self, lan: Lan) -> None:
+        self.lines: list[tuple[float, str]] = []
+        self.proc = subprocess.Popen([*lan.exec("c"), sys.executable, str(CLIENT), VIP, "8080", "0.05"],
+                                     stdout=subprocess.PIPE, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            t, outcome = line.rstrip("\n").split(" ", 1)
+            self.lines.append((float(t), outcome))
+
+    def since(self, t: float) -> list[tuple[float, str]]:
+        return [x for x in self.lines if x[0] >= t]
+
+    def first(self, t: float, outcome: str) -> float | None:
+        return next((x for x, o in self.since(t) if o == outcome), None)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self._thread.join(5)
+
+
+def holds_vip(lan: Lan, name: str) -> bool:
+    return f"{VIP}/24" in lan.addresses(name)
+
+
+def kill_node(node: LbcNode) -> None:
+    """SIGKILL supervisord and everything under it (workers, keepalived, ...)."""
+    pids = []
+    pid = node.supervisord_pid()
+    if pid:
+        pids = [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    node.seen_pids.update(pids)
+    for p in pids:
+        os.kill(p, signal.SIGKILL)
+
+
+def supervisorctl(node: LbcNode, *args: str) -> None:
+    conf = node.state / "run" / "supervisord.conf"
+    subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(conf), *args],
+                   capture_output=True, timeout=60, check=True)
+
+
+def test_virtual_ip_fails_over_and_does_not_flap(lan, tmp_path):
+    origins = [Origin(f"{n}-web", http=["127.0.0.1:9101"], prefix=lan.exec(n)) for n in ("a", "b")]
+    nodes = {n: LbcNode(tmp_path / n, prefix=lan.exec(n)) for n in ("a", "b")}
+    watch = None
+    try:
+        nodes["a"].up(CONFIG)
+        assert wait_until(lambda: holds_vip(lan, "a"), 10), lan.addresses("a")
+        nodes["b"].up(CONFIG)
+        watch = Watch(lan)
+        assert wait_until(lambda: watch.first(0, "200 a-web"), 10), watch.lines[-5:]
+        figures = {}
+
+        # A's workers stop: A's node check fails, it gives the address up.
+        start = time.monotonic()
+        supervisorctl(nodes["a"], "stop", "worker-0")
+        assert wait_until(lambda: watch.first(start, "200 b-web"), 6), watch.since(start)[-10:]
+        figures["workers stopped"] = watch.first(start, "200 b-web") - start
+        assert "unavailable" in nodes["a"].lbc("status").stdout
+
+        # A's workers back: A is healthy again but does not take the address back.
+        supervisorctl(nodes["a"], "start", "worker-0")
+        back = time.monotonic()
+        time.sleep(4)
+        after = [o for _, o in watch.since(back)]
+        assert set(after) == {"200 b-web"}, after
+        assert not holds_vip(lan, "a")
+
+        # B dies (keepalived and workers SIGKILLed): A takes the address.
+        start = time.monotonic()
+        kill_node(nodes["b"])
+        assert wait_until(lambda: watch.first(start, "200 a-web"), 6), watch.since(start)[-10:]
+        figures["node killed"] = watch.first(start, "200 a-web") - start
+
+        # B comes back: no move, no failed request.
+        assert nodes["b"].lbc("up").returncode == 0
+        back = time.monotonic()
+        time.sleep(4)
+        after = [o for _, o in watch.since(back)]
+        assert set(after) == {"200 a-web"}, after
+
+        print(f"failover: {figures}")
+        assert figures["workers stopped"] < 3 and figures["node killed"] < 3, figures
+    finally:
+        if watch is not None:
+            watch.stop()
+        for n in nodes.values():
+            n.cleanup()
+        for o in origins:
+            o.stop()
+
+
+def test_export_keepalived_is_valid_for_each_node(tmp_path):
+    exe = shutil.which("keepalived") or "/usr/sbin/keepalived"
+    if not os.path.exists(exe):
+        pytest.fail("keepalived is not installed (`make test` installs Debian's keepalived)")
+    config = tmp_path / "pool.yaml"
+    config.write_text(CONFIG)
+    state = tmp_path / "state"
+    for name, peer in (("a", f"{SUBNET}.2"), ("b", f"{SUBNET}.1")):
+        result = subprocess.run([sys.executable, "-m", "lbc", "export", "keepalived", str(config), "--node", name,
+                                 "--state", str(state)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        text = result.stdout
+        assert f"router_id lbc-{name}" in text and f"        {peer}\n" in text and "nopreempt" in text
+        assert f"--state {state.resolve()} --quiet" in text and "lbc_node_check weight 0" in text
+        conf = tmp_path / f"{name}.conf"
+        conf.write_text(text)
+        check = subprocess.run([exe, "--config-test", "-f", str(conf)], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stderr
+    result = subprocess.run([sys.executable, "-m", "lbc", "export", "keepalived", str(config), "--node", "z"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "global.ha has no node 'z' (nodes: a, b)" in result.stderr
