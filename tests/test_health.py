@@ -258,6 +258,7 @@ def test_a_backend_turning_unhealthy_drains(node, origins, ip, drain):
     time.sleep(0.5)
     assert node.apply(config("/status/500")).returncode == 0
     assert wait_until(lambda: health_of(node)["slow"] == "unhealthy", 8)
+    time.sleep(0.3)  # workers look at the checker's verdicts every 50 ms
     assert {get(ip, 8080, "/")[2] for _ in range(4)} == {b"other\n"}
     t.join(30)
     if drain == "30s":
