@@ -198,7 +198,8 @@ def _ha(h: Tree) -> HighAvailability:
         check_interval_ms=duration_ms(h["check_interval"]),
         preempt=h["preempt"],
         keepalived=h["keepalived"],
-        nodes=tuple(HaNode(n["name"], _normal_address(n["address"]), n["priority"]) for n in h["nodes"]),
+        nodes=tuple(HaNode(n["name"], _normal_address(n["address"]), n["priority"], n.get("admin"))
+                    for n in h["nodes"]),
     )
 
 

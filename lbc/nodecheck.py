@@ -37,6 +37,7 @@ from lbc.table import worker_count
 WORKER_STALE_S = 3.0
 CHECKER_STALE_S = 10.0
 DRAIN_FILE = "drain"  # in the state's run/ directory
+PEERS_FILE = "peers.json"  # the other ha nodes as the health checker last probed them
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,22 @@ def set_draining(state: StateDir, draining: bool) -> bool:
         temp.unlink(missing_ok=True)
         raise LbcError(f"cannot write {path}: {e.strerror}") from None
     return True
+
+
+def write_peers(state: StateDir, peers: dict[str, dict]) -> None:
+    path = state.run / PEERS_FILE
+    temp = path.with_name(f".{PEERS_FILE}-{os.getpid()}.part")
+    temp.write_text(json.dumps(peers, sort_keys=True) + "\n")
+    os.replace(temp, path)
+
+
+def read_peers(state: StateDir) -> dict[str, dict]:
+    """name -> {admin, ok, error, latency_ms, checked}; {} without ha peers."""
+    try:
+        data = json.loads((state.run / PEERS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _alive(pid: int) -> bool:

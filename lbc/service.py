@@ -515,12 +515,17 @@ class NodeStatus:
     checker_trusted: bool  # fresh enough (three intervals) for workers to use its verdicts
     watch: dict | None  # what `lbc watch` last did (state, message, version, time), if it ran
     node: nodecheck.NodeHealth  # should the node take traffic (/healthz, keepalived's check)
+    peers: dict  # the other ha nodes as this node's health checker last probed them
 
     def render_text(self) -> str:
         out = [f"state:     {self.state}",
                f"running:   {f'yes (supervisord pid {self.supervisord_pid})' if self.running else 'no'}",
                f"live:      {self.live_version[:12] if self.live_version else '(nothing installed)'}",
                f"node:      {'takes traffic' if self.node.ok else 'unavailable: ' + self.node.reason}"]
+        now = time.time()
+        for name, p in sorted(self.peers.items()):
+            verdict = "takes traffic" if p.get("ok") else f"unavailable ({p.get('error') or '?'})"
+            out.append(f"peer:      {name} ({p.get('admin')}): {verdict}, checked {now - p.get('checked', 0):.1f}s ago")
         if self.processes:
             out += ["", f"{'PROCESS':<12} {'STATE':<9} {'PID':>7} {'UPTIME':>8} {'SERVES':<12} {'RSS':>9} {'CPU%':>5}"]
             for p in self.processes:
@@ -610,7 +615,7 @@ def status(state: StateDir, process_figures: bool = True) -> NodeStatus:
         if memory is not None:
             memory.close()
     return NodeStatus(str(state.root), running, node.supervisord_pid(), live, tuple(processes), tuple(backends),
-                      checker_age, trusted, state.watch_status(), nodecheck.check(state))
+                      checker_age, trusted, state.watch_status(), nodecheck.check(state), nodecheck.read_peers(state))
 
 
 def export_keepalived(file: str | PathLike[str], state: StateDir, node: str | None) -> str:

@@ -287,6 +287,7 @@ class HaNode:
     name: str
     address: str
     priority: int
+    admin: str | None  # host:port of its admin API, for the other nodes' peer probes
 
 
 @dataclass(frozen=True, slots=True)

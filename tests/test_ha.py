@@ -180,3 +180,37 @@ def test_export_keepalived_is_valid_for_each_node(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lbc", "export", "keepalived", str(config), "--node", "z"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "global.ha has no node 'z' (nodes: a, b)" in result.stderr
+
+
+def test_status_shows_the_other_nodes(tmp_path, origins):
+    """Each node's health checker probes the others' /healthz (their `admin`)."""
+    from support.node import fresh_ip
+
+    ips = {"a": fresh_ip(), "b": fresh_ip()}
+    nodes_yaml = "".join(f"      - {{name: {n}, address: {ip}, priority: {150 - i}, admin: \"{ip}:9900\"}}\n"
+                         for i, (n, ip) in enumerate(ips.items()))
+
+    def config(n: str) -> str:  # the same file but for each node's own admin and listener address
+        ip = ips[n]
+        return (f"version: 1\nglobal:\n  workers: 1\n  admin: {{bind: \"{ip}:9900\"}}\n  ha:\n"
+                f"    virtual_ips: [10.99.0.100/24]\n    interface: lo\n    router_id: 99\n    keepalived: false\n"
+                f"    nodes:\n{nodes_yaml}listeners:\n  - {{name: web, bind: \"{ip}:8080\", routes: [{{pool: web}}]}}\n"
+                f"pools:\n  - name: web\n    backends: [{{id: w, address: {ip}, port: 9101}}]\n")
+
+    nodes = {n: LbcNode(tmp_path / n) for n in ips}
+    try:
+        for n, ip in ips.items():
+            origins(f"{n}-web", http=[f"{ip}:9101"])
+            result = nodes[n].lbc("up", str(nodes[n].write(config(n))), "--ha-node", n)
+            assert result.returncode == 0, result.stderr
+
+        def peer_line(n: str) -> str:
+            return next((line for line in nodes[n].lbc("status").stdout.splitlines() if line.startswith("peer:")), "")
+
+        assert wait_until(lambda: "b (" in peer_line("a") and "takes traffic" in peer_line("a"), 10), peer_line("a")
+        assert wait_until(lambda: "a (" in peer_line("b") and "takes traffic" in peer_line("b"), 10), peer_line("b")
+        assert "drained" in nodes["b"].lbc("drain-node").stdout
+        assert wait_until(lambda: "unavailable (" in peer_line("a"), 5), peer_line("a")
+    finally:
+        for n in nodes.values():
+            n.cleanup()

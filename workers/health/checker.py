@@ -20,6 +20,9 @@ every worker reads them without a syscall.
   and are probed at once, removed ones are forgotten, unchanged ones keep
   their state and counters. Started afresh (supervisord restarts it), it
   continues from the states in the overlay, so a restart flips nothing.
+- With global.ha, it also probes the other nodes' admin API /healthz (those
+  with `admin` set) once per check_interval and writes what it saw to
+  run/peers.json for `lbc status`.
 """
 
 from __future__ import annotations
@@ -41,11 +44,12 @@ from lbc_workers.health.machine import NAMES, UNKNOWN, Health, Thresholds, obser
 from lbc_workers.health.probes import Prober
 from lbc_workers.proxy.tls import client_context
 
+from lbc import keepalived, nodecheck
 from lbc import shm as shmmod
-from lbc.config.addresses import address_kind
+from lbc.config.addresses import address_kind, parse_bind
 from lbc.errors import LbcError
 from lbc.state import StateDir, slot_key
-from lbc.table import Backend, HealthCheck, Pool, TableError
+from lbc.table import Backend, HaNode, HealthCheck, HighAvailability, Pool, RoutingTable, TableError
 
 log = logging.getLogger("lbc.health")
 DNS_TTL = 30.0  # seconds a resolved name is used before it is resolved again
@@ -79,6 +83,9 @@ class Checker:
         self.rng = random.Random()
         self.stopped = asyncio.Event()
         self._reloading = asyncio.Lock()
+        self.peers: dict[str, asyncio.Task] = {}  # other ha nodes' names -> their probe loops
+        self.peer_spec: tuple = ()  # what the loops were started for
+        self.peer_results: dict[str, dict] = {}
 
     async def reload(self) -> None:
         async with self._reloading:
@@ -112,6 +119,51 @@ class Checker:
                 self.targets[key] = target
                 target.task = self.loop.create_task(self._run(target))
             log.info("checking %d backends of table %s", len(self.targets), version[:12])
+            self._follow_peers(table)
+
+    def _follow_peers(self, table: RoutingTable) -> None:
+        """Probe the other ha nodes' /healthz: the ones the table names now."""
+        ha = table.settings.ha
+        peers: tuple[HaNode, ...] = ()
+        if ha is not None:
+            try:
+                name = self.state.run / "ha-node"
+                me = keepalived.this_node(ha, name.read_text().strip() if name.exists() else None)
+                peers = tuple(n for n in ha.nodes if n.name != me.name and n.admin)
+            except (LbcError, OSError) as e:
+                log.warning("not probing the other ha nodes: %s", e)
+        spec = (peers, ha.check_interval_ms if ha else 0)
+        if spec == self.peer_spec:
+            return
+        for task in self.peers.values():
+            task.cancel()
+        self.peers.clear()
+        self.peer_results.clear()
+        self.peer_spec = spec
+        for node in peers:
+            self.peers[node.name] = self.loop.create_task(self._probe_peer(node, ha))
+        self._write_peers()
+
+    async def _probe_peer(self, node: HaNode, ha: HighAvailability) -> None:
+        host, port = parse_bind(node.admin)
+        interval = ha.check_interval_ms
+        check = HealthCheck("http", "/healthz", "GET", None, ((200, 200),), None, None, interval, interval // 2, 1, 1)
+        prober = Prober(check, host, port, f"node {node.name}", None)
+        try:
+            while True:
+                passed, latency, error = await prober.probe(host)
+                self.peer_results[node.name] = {"admin": node.admin, "ok": passed, "error": error,
+                                                "latency_ms": round(latency, 1), "checked": time.time()}
+                self._write_peers()
+                await asyncio.sleep(interval / 1000)
+        finally:
+            prober.close()
+
+    def _write_peers(self) -> None:
+        try:
+            nodecheck.write_peers(self.state, self.peer_results)
+        except OSError as e:
+            log.warning("cannot write the peers' state: %s", e)
 
     def _persisted(self, slot: int) -> Health:
         """What an earlier run of the checker published: go on from there."""
@@ -191,6 +243,8 @@ class Checker:
     def stop(self) -> None:
         for target in self.targets.values():
             self._forget(target)
+        for task in self.peers.values():
+            task.cancel()
         self.stopped.set()
 
 
