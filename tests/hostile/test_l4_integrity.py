@@ -218,7 +218,7 @@ def test_udp_1000_datagrams_echoed_and_sessions_time_out_idle(node, echo, ip, fi
         assert by == {b"echo-1", b"echo-2"}  # 4 sessions, spread over both
         before = backends(node)
         assert before["echo-1"]["requests"] + before["echo-2"]["requests"] == CLIENTS  # one session per client
-        # idle past 1 s: the workers' sweep (once a second) ends every session
+        # idle past 1 s: the workers' sweep (twice a second) ends every session
         assert wait_until(lambda: all(b["active"] == 0 for b in backends(node).values()), 5), backends(node)
         ended_after = time.monotonic() - last
         assert ended_after >= 0.9

@@ -36,7 +36,7 @@ The client connection's state machine:
 - An Upgrade request whose backend answers 101 turns the connection into a
   TUNNEL; bytes the client sent behind the head go through it first.
 - Timeouts are deadlines on the connection, checked by the worker's sweep
-  about once a second (no timer per read). While a request body streams to
+  twice a second (no timer per read). While a request body streams to
   its backend, each read of it moves the deadline to client_body from now
   (408, or a cut once the response began); once the whole request is sent,
   the backend has the response timeout.
