@@ -12,7 +12,13 @@ Rules, in order; the first that holds makes the node unavailable:
 3. Fewer workers serve the live table than the table asks for. A worker
    serves when its shared-memory record names the live version, its pid
    runs, and its heartbeat (published four times a second) is under
-   WORKER_STALE_S old: a stopped or wedged worker does not count.
+   WORKER_STALE_S old: a stopped or wedged worker does not count. For
+   APPLY_GRACE_S after a table is installed, a live worker serving any
+   table counts, and a slot no worker has started in yet is not asked for:
+   an apply is being delivered (workers reload, a new worker starts), and a
+   node check failing then would move a virtual IP, resetting every
+   connection to it, on every apply. An apply the workers refuse is put
+   back within its ack timeout, well inside the grace.
 4. The health checker's heartbeat is over CHECKER_STALE_S old: backend
    verdicts are frozen. (Before its first heartbeat it is starting, which
    is not a reason.)
@@ -35,6 +41,7 @@ from lbc.state import StateDir
 from lbc.table import worker_count
 
 WORKER_STALE_S = 3.0
+APPLY_GRACE_S = 20.0  # longer than apply's wait for the workers (10 s by default) and its revert
 CHECKER_STALE_S = 10.0
 DRAIN_FILE = "drain"  # in the state's run/ directory
 PEERS_FILE = "peers.json"  # the other ha nodes as the health checker last probed them
@@ -64,10 +71,13 @@ class NodeHealth:
 
 
 def judge(version: str | None, wanted: int, workers: Sequence[shm.WorkerInfo], alive: Callable[[int], bool],
-          checker_beat: float, draining_since: float | None, now: float) -> NodeHealth:
+          checker_beat: float, draining_since: float | None, now: float, installed_at: float = 0.0) -> NodeHealth:
     """The rules above, on what was read. Pure."""
-    running = [w for w in workers if w.pid and alive(w.pid)]
-    serving = sum(1 for w in running if w.version == version and now - w.heartbeat < WORKER_STALE_S)
+    running = [w for w in workers if w.pid and alive(w.pid) and now - w.heartbeat < WORKER_STALE_S]
+    serving = sum(1 for w in running if w.version == version)
+    if now - installed_at < APPLY_GRACE_S and serving < wanted:  # an apply is being delivered
+        wanted = sum(1 for w in workers if w.started) or wanted
+        serving = sum(1 for w in running if w.version)
     age = round(now - checker_beat, 3) if checker_beat else None
     if draining_since is not None:
         reason = "drained by lbc drain-node"
@@ -90,13 +100,21 @@ def check(state: StateDir) -> NodeHealth:
     beat = 0.0
     shm_file = state.run / "shm"
     if shm_file.exists():
-        memory = shm.Shm(shm_file)
+        try:
+            memory = shm.Shm(shm_file)
+        except (shm.ShmError, ValueError) as e:  # ValueError: mmap of an empty file
+            return NodeHealth(version, wanted, 0, 0, None, draining_since(state),
+                              f"the shared memory cannot be read: {e}")
         try:
             workers = [memory.read_worker(slot) for slot in range(min(wanted, memory.max_workers))]
             beat, _ = memory.health_heartbeat()
         finally:
             memory.close()
-    return judge(version, wanted, workers, _alive, beat, draining_since(state), time.time())
+    try:
+        installed_at = state.current_file.stat().st_mtime
+    except OSError:
+        installed_at = 0.0
+    return judge(version, wanted, workers, _alive, beat, draining_since(state), time.time(), installed_at)
 
 
 def draining_since(state: StateDir) -> float | None:
@@ -119,9 +137,9 @@ def set_draining(state: StateDir, draining: bool) -> bool:
             return False
     if path.exists():
         return False
-    state.run.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{DRAIN_FILE}-{os.getpid()}.part")
     try:
+        state.run.mkdir(parents=True, exist_ok=True)
         temp.write_text(json.dumps({"since": time.time(), "pid": os.getpid()}) + "\n")
         os.replace(temp, path)
     except OSError as e:
@@ -165,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         health = check(StateDir(args.state))
-    except (LbcError, shm.ShmError, OSError) as e:
+    except (LbcError, OSError) as e:
         if not args.quiet:
             print(f"unavailable: {e}", file=sys.stderr)
         return 1

@@ -40,6 +40,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lbc.errors import StateError
+
 MAGIC = b"LBCSHM\x00\x01"
 LAYOUT = 3
 HEADER_BYTES = 4096
@@ -75,7 +77,7 @@ EMPTY, STARTING, SERVING, DRAINING = 0, 1, 2, 3
 STATE_NAMES = {EMPTY: "empty", STARTING: "starting", SERVING: "serving", DRAINING: "draining"}
 
 
-class ShmError(Exception):
+class ShmError(StateError):
     pass
 
 

@@ -120,6 +120,18 @@ def test_virtual_ip_fails_over_and_does_not_flap(lan, tmp_path):
         assert wait_until(lambda: watch.first(0, "200 a-web"), 10), watch.lines[-5:]
         figures = {}
 
+        # Applies on the holder (a table change, a worker count change) do not move the address.
+        start = time.monotonic()
+        for i in range(6):
+            text = CONFIG.replace("drain_timeout: 1s", f"drain_timeout: {i + 2}s")
+            if i == 3:
+                text = text.replace("workers: 1", "workers: 2")
+            assert nodes["a"].apply(text).returncode == 0
+        time.sleep(2)
+        during = [o for _, o in watch.since(start)]
+        assert set(during) == {"200 a-web"} and holds_vip(lan, "a"), sorted(set(during))
+        figures["applies"] = len(during)
+
         # A's workers stop: A's node check fails, it gives the address up.
         start = time.monotonic()
         supervisorctl(nodes["a"], "stop", "worker-0")
