@@ -277,7 +277,7 @@ def drain_node(
     state: StateOption = DEFAULT_STATE,
     undo: Annotated[bool, typer.Option("--undo", help="Take traffic again.")] = False,
 ) -> None:
-    """Make /healthz and the node check fail, so traffic moves to other nodes; in-flight work finishes."""
+    """Make /healthz and the node check fail, so traffic moves to other nodes; this node serves on what reaches it."""
     with _reported():
         typer.echo(service.drain_node(StateDir(state), undo))
 

@@ -7,7 +7,9 @@ command in, text out. Finding the node reads the machine's addresses."""
 from __future__ import annotations
 
 import ipaddress
+import re
 import shlex
+import stat
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -25,14 +27,41 @@ def ha_of(table: RoutingTable) -> HighAvailability:
     return table.settings.ha
 
 
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9._/+-]+")
+
+
 def check_command(state: Path) -> str:
-    """The node check as keepalived runs it. Through the lbc-nodecheck
-    script beside this Python: keepalived (with script security) executes
-    the real file behind a symlink, and a venv's python is a symlink whose
-    real file knows nothing of the venv."""
+    """The node check as keepalived runs it: the lbc-nodecheck script beside
+    this Python. keepalived (with script security) executes the real file
+    behind a symlink, and a venv's python is a symlink whose real file knows
+    nothing of the venv, so `python -m` would not find lbc there."""
     script = Path(sys.executable).with_name("lbc-nodecheck")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "lbc.nodecheck"]
-    return shlex.join([*command, "--state", str(state.resolve()), "--quiet"])
+    if not script.exists():
+        raise LbcError(f"{script} is missing: install lbc with pip (it installs the lbc-nodecheck script) to run "
+                       "keepalived's node check")
+    root = state.resolve()
+    for path in (script, root):
+        # keepalived's script line is not a shell: it splits on spaces and
+        # reads quotes and backslashes its own way. Plain paths only.
+        if not _PLAIN_PATH.fullmatch(str(path)):
+            raise LbcError(f"{path}: keepalived's script line needs a path of letters, digits and . _ / + - only")
+    _check_script_security(script)
+    return shlex.join([str(script), "--state", str(root), "--quiet"])
+
+
+def _check_script_security(script: Path) -> None:
+    """keepalived runs scripts as root only from files and directories no
+    one else can change (enable_script_security); otherwise it disables the
+    script, and the virtual IPs would stop following the node's health."""
+    for path in [script.resolve(), *script.resolve().parents, script, *script.parents]:
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise LbcError(f"cannot check {path} for keepalived: {e.strerror}") from None
+        sticky_dir = path.is_dir() and st.st_mode & stat.S_ISVTX
+        if st.st_uid != 0 or (st.st_mode & 0o022 and not sticky_dir):
+            raise LbcError(f"keepalived will not run the node check from {script}: {path} is owned or writable by "
+                           "a user other than root; install lbc where only root can write")
 
 
 def render(ha: HighAvailability, node: HaNode, state: Path, *, exported: bool = False,

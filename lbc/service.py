@@ -389,15 +389,21 @@ def up(state: StateDir, file: str | PathLike[str] | None, *, foreground: bool, a
         _, table = state.current_table()
         if table is None:
             raise LbcError(f"nothing to serve: {state.root} has no table yet; run lbc up FILE")
-    # The leftover health checker and admin API serve no traffic: stopped
-    # first, so they free the admin port and cannot remove their successors'
-    # pid files as they exit.
-    stop_processes(node.orphaned_helpers(), timeout=10)
-    problems = probe_binds(table, skip=held_sockets(table, leftovers))
+    helpers = node.orphaned_helpers()
+    problems = probe_binds(table, skip=held_sockets(table, leftovers + helpers))
     if problems:
         raise LbcError("cannot listen; nothing was started:\n  " + "\n  ".join(problems))
-    if table.settings.ha is not None and table.settings.ha.keepalived:
-        keepalived.this_node(table.settings.ha, ha_node)  # which node this is, before anything starts
+    if table.settings.ha is not None:  # which node this is, before anything starts; kept in run/ha-node
+        try:
+            ha_node = keepalived.this_node(table.settings.ha, ha_node).name
+        except LbcError:
+            if ha_node is not None or table.settings.ha.keepalived:
+                raise  # without keepalived, a node that cannot tell only skips probing its peers
+    # The leftover health checker, admin API and keepalived serve no traffic:
+    # stopped before the new ones start, so the admin port is free and
+    # keepalived's pid file too. (A leftover keepalived holding the virtual
+    # IPs gives them up: one failover, as for any restart of keepalived.)
+    stop_processes(helpers, timeout=10)
     if compiled is not None:
         apply(compiled, state, argv=argv, lock_timeout=lock_timeout)
     version, table = state.current_table()
@@ -629,8 +635,9 @@ def drain_node(state: StateDir, undo: bool) -> str:
     changed = nodecheck.set_draining(state, not undo)
     if undo:
         return "the node takes traffic again" if changed else "the node was not drained"
-    return ("drained: /healthz and the node check fail, so keepalived or an upstream balancer moves new traffic "
-            "away; in-flight work goes on" if changed else "the node was already drained")
+    return ("drained: /healthz and the node check fail, so keepalived or an upstream balancer moves traffic "
+            "away (a virtual IP that moves resets the connections made to it); this node serves on what still "
+            "reaches it" if changed else "the node was already drained")
 
 
 HEALTH_NAMES = {0: "unknown", 1: "healthy", 2: "unhealthy"}  # as lbc_workers.health.machine

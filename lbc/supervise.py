@@ -125,22 +125,35 @@ class Node:
             return False
 
     def orphans(self) -> list[int]:
-        """Worker processes of this state still alive without a supervisord."""
-        found = (_running(f, "lbc_workers.proxy") for f in sorted(self.run.glob("worker-*.pid")))
-        return [pid for pid in found if pid is not None]
+        """Worker processes of this state still alive without a supervisord.
+        Found by their command lines, not their pid files: a failed `lbc up`
+        may have removed those while the workers served on."""
+        return self._running_for("lbc_workers.proxy")
 
     def orphaned_helpers(self) -> list[int]:
-        """The health checker and the admin API of this state still alive
-        without a supervisord. The admin API asks to go with it
-        (PR_SET_PDEATHSIG), but only once started, and then shuts down
-        gracefully, holding its port meanwhile."""
-        found = [_running(self.run / "health.pid", "lbc_workers.health")]
-        admin = ["-m", "lbc.admin", "--state", str(self.state.root.resolve())]  # as the template runs it
+        """The health checker, the admin API and keepalived of this state
+        still alive without a supervisord. (The admin API asks to go with
+        supervisord, PR_SET_PDEATHSIG, but only once started, and then shuts
+        down gracefully, holding its port meanwhile; keepalived would keep
+        the virtual IPs on its old configuration, and block a new one.)"""
+        helpers = self._running_for("lbc_workers.health") + self._running_for("lbc.admin")
+        keepalived_pid = _pid_in(self.run / "keepalived.pid")
+        with contextlib.suppress(psutil.Error):
+            if keepalived_pid and str(self.keepalived_conf) in psutil.Process(keepalived_pid).cmdline():
+                helpers.append(keepalived_pid)  # its VRRP child follows it out
+        return helpers
+
+    def _running_for(self, module: str) -> list[int]:
+        """Processes running `python -m module --state <this state> ...`."""
+        root = str(self.state.root.resolve())
+        found = []
         for proc in psutil.process_iter(["cmdline"]):
-            with contextlib.suppress(psutil.Error):
-                if (proc.info["cmdline"] or [])[1:] == admin and proc.status() != psutil.STATUS_ZOMBIE:
+            cmd = proc.info["cmdline"] or []
+            with contextlib.suppress(psutil.Error, ValueError):
+                if (module in cmd and cmd[cmd.index("--state") + 1] == root
+                        and proc.status() != psutil.STATUS_ZOMBIE):
                     found.append(proc.pid)
-        return [pid for pid in found if pid is not None]
+        return found
 
     # -- XML-RPC -----------------------------------------------------------------
 
@@ -444,21 +457,18 @@ def _gone(proc: psutil.Process) -> bool:
         return True
 
 
-def _running(pid_file: Path, module: str) -> int | None:
-    """The pid in `pid_file` if that process runs `module`."""
+def _pid_in(pid_file: Path) -> int | None:
     try:
-        pid = int(pid_file.read_text().strip())
-        proc = psutil.Process(pid)
-        if proc.status() != psutil.STATUS_ZOMBIE and module in " ".join(proc.cmdline()):
-            return pid
-    except (OSError, ValueError, psutil.Error):
-        pass
-    return None
+        return int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def held_sockets(table: RoutingTable, pids: list[int]) -> set[tuple[str, str, int]]:
-    """The table's listener sockets (Listener.socket_key) that processes
-    `pids` have bound: leftover workers, whose successors join them there."""
+    """The table's sockets (listeners' socket_key, and the admin API's) that
+    processes `pids` have bound: leftover workers, whose successors join
+    them there, and a leftover admin API, stopped before its successor
+    starts."""
     held = set()
     if pids:
         with contextlib.suppress(psutil.Error):
@@ -470,10 +480,13 @@ def held_sockets(table: RoutingTable, pids: list[int]) -> set[tuple[str, str, in
                 elif c.status == psutil.CONN_LISTEN:
                     held.add(("tcp", _ip(c.laddr.ip), c.laddr.port))
     out = set()
-    for x in table.listeners:
-        transport, host, port = x.socket_key
+    keys = [x.socket_key for x in table.listeners]
+    if table.settings.admin is not None:  # as probe_binds names it
+        keys.append(("tcp", table.settings.admin.host, table.settings.admin.port))
+    for key in keys:
+        transport, host, port = key
         if ("udp" if transport == "udp" else "tcp", _ip(host), port) in held:
-            out.add(x.socket_key)
+            out.add(key)
     return out
 
 

@@ -5,7 +5,7 @@ re-serializing every header, so it must be sure the bytes are unambiguous
 before it passes them on. Rules, in the order they apply to a request head
 (everything up to and including the blank line):
 
-1. llhttp (httptools, strict mode) has accepted the head before it gets here,
+1. llhttp (httptools, no lenient flags) has accepted the head before it gets here,
    which is the C-speed gate: it rejects bare CR or LF line endings, NUL and
    other control bytes, obs-fold, spaces before a colon, invalid methods and
    targets, Content-Length together with Transfer-Encoding, repeated or

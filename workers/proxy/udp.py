@@ -129,7 +129,11 @@ class UdpListener(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr) -> None:
         session = self.sessions.get(addr)
         if session is None or session.closed:
-            listener = self.worker.router.listeners.get(self.key)
+            worker = self.worker
+            if len(worker.clients) >= worker.max_clients:
+                worker.rejected += 1  # max_client_connections: no new session (and no socket) for it
+                return
+            listener = worker.router.listeners.get(self.key)
             if listener is None or listener.pool is None:
                 return
             pool = listener.pool

@@ -120,6 +120,7 @@ class Worker:
         # open files, less a reserve for listeners, logs and the store.
         self.fd_clients = (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64) // 2
         self.max_clients = self.fd_clients
+        self._no_room_at = -1.0  # when _make_room last found nothing idle
         self._next_unejection = float("inf")
 
     # -- the hot path's helpers --------------------------------------------------
@@ -300,7 +301,7 @@ class Worker:
         return listener.certificates if listener is not None else None
 
     def _accept(self, key: BindKey):
-        if len(self.clients) >= self.max_clients and not self._make_room():
+        if len(self.clients) >= self.max_clients and (self.now == self._no_room_at or not self._make_room()):
             self.rejected += 1
             return Refused()
         listener = self.router.listeners.get(key)
@@ -326,6 +327,8 @@ class Worker:
         for client in victims:
             self.clients.discard(client)  # counted out now: its connection_lost comes later
             client.close_if_idle()
+        if not victims:
+            self._no_room_at = self.now  # no second scan until the clock moves (a quarter second)
         return bool(victims)
 
     def _close_listener(self, key: BindKey) -> None:
@@ -520,7 +523,9 @@ def main(argv: list[str] | None = None) -> int:
         loop.run_until_complete(run())
     finally:
         # A leftover of an earlier run (its supervisord was killed) exits
-        # after its successor took the slot: leave the successor's record.
+        # after its successor took the slot: leave the successor's pid file.
+        # (Its shared memory is the old, replaced file: `lbc up` makes a new
+        # one; the pid test there only guards against that changing.)
         if worker.shm.read_worker(args.slot).pid == os.getpid():
             worker.shm.write_worker(args.slot, state=shmmod.EMPTY, pid=0)
         with contextlib.suppress(OSError, ValueError):
