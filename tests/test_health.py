@@ -81,7 +81,7 @@ pools:
 
 
 @pytest.mark.row("11")
-def test_killed_backend_leaves_rotation_with_no_failed_request_and_comes_back(node, origins, ip, figure):
+def test_killed_backend_leaves_rotation_with_no_failed_request_and_comes_back(node, origins, ip, figure, slack):
     survivors = [origins(f"web-{i}", http=[f"{ip}:{9100 + i}"]) for i in (1, 2)]
     victim = origins("web-3", http=[f"{ip}:9103"])
     backends = "".join(f"      - {{id: web-{i}, address: {ip}, port: {9100 + i}}}\n" for i in (1, 2, 3))
@@ -108,7 +108,7 @@ def test_killed_backend_leaves_rotation_with_no_failed_request_and_comes_back(no
     assert load.errors == []  # retries hid the dead backend from every client
     assert load.ok >= 2000, load.ok
     assert out_after < 8, out_after  # 4 s in the issue (1 s interval x 3 failures + timeouts)
-    assert back_after < 2 * 1 + 1, back_after  # healthy_threshold x interval + 1 s
+    assert back_after < (2 * 1 + 1) * slack, back_after  # healthy_threshold x interval + 1 s
     assert load.backends["web-3"] > served_by_3  # in rotation again
     print(f"{load.ok} requests ({before_restart} before the restart)")
     del survivors, replacement
@@ -133,7 +133,7 @@ def test_flapping_backend_never_changes_state(node, origins, ip):
 
 
 @pytest.mark.row("12b")
-def test_killed_checker_changes_nothing_and_is_back(node, origins, ip, figure):
+def test_killed_checker_changes_nothing_and_is_back(node, origins, ip, figure, slack):
     origins("a", http=[f"{ip}:9101", f"{ip}:9102"])
     node.up(f"version: 1\nglobal: {{workers: 1}}\nlisteners:\n  - {{name: web, bind: \"{ip}:8080\", routes: "
             f"[{{pool: web}}]}}\npools:\n  - name: web\n    health_check: {CHECK}\n    backends:\n"
@@ -164,7 +164,7 @@ def test_killed_checker_changes_nothing_and_is_back(node, origins, ip, figure):
     assert changed == []
     assert load.errors == [] and load.ok > 100
     assert set(load.backends) == {"a"}
-    assert restarted < 2
+    assert restarted < 2 * slack
 
 
 def test_unknown_backends_get_traffic_only_when_nothing_is_healthy(node, origins, ip):

@@ -232,5 +232,5 @@ def test_udp_1000_datagrams_echoed_and_sessions_time_out_idle(node, echo, ip, fi
         for s in clients:
             s.close()
     figure(f"{DATAGRAMS}/{DATAGRAMS} datagrams echoed byte-exact (<= {WINDOW} in flight, {CLIENTS} clients) "
-           f"in {elapsed:.2f}s; sessions gone within {ended_after:.1f}s of the last datagram (idle 1s, swept once a second), "
+           f"in {elapsed:.2f}s; sessions gone within {ended_after:.1f}s of the last datagram (idle 1s, swept twice a second), "
            f"next datagrams open new sessions")

@@ -71,7 +71,7 @@ def test_twenty_applies_under_load(node, origins, ip, tls_files, figure):
 
 @pytest.mark.row("12")
 @pytest.mark.timeout(90)
-def test_killed_worker_costs_only_its_own_connections(node, origins, ip, figure):
+def test_killed_worker_costs_only_its_own_connections(node, origins, ip, figure, slack):
     web_origins(origins, ip)
     node.up(config(ip))
     live = StateDir(node.state).current_version()
@@ -97,7 +97,7 @@ def test_killed_worker_costs_only_its_own_connections(node, origins, ip, figure)
         ok_after = load.ok - ok_at_kill
     figure(f"back and serving in {back:.2f} s; {len(load.errors)} failed requests, {held} connections were on the "
            f"killed worker; the other served {ok_after:,} meanwhile; new connections {fresh.count(200)}/5 served")
-    assert back < 2
+    assert back < 2 * slack
     assert len(load.errors) <= held  # at most one request in flight per connection of the killed worker
     assert node.worker_pids()[1] == before[1] and ok_after > 100
     assert fresh == [200] * 5
