@@ -5,6 +5,7 @@ dies, and does not move it back when the node returns (nopreempt)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -102,6 +103,18 @@ def kill_node(node: LbcNode) -> None:
         os.kill(p, signal.SIGKILL)
 
 
+def keepalived_parents(conf: str) -> list[int]:
+    """keepalived processes (not their VRRP children) running `conf`."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "ppid"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].endswith("keepalived") and conf in cmd:
+            with contextlib.suppress(psutil.Error):
+                if not psutil.Process(p.info["ppid"]).cmdline()[0].endswith("keepalived"):
+                    found.append(p.pid)
+    return found
+
+
 def supervisorctl(node: LbcNode, *args: str) -> None:
     conf = node.state / "run" / "supervisord.conf"
     subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(conf), *args],
@@ -160,6 +173,15 @@ def test_virtual_ip_fails_over_and_does_not_flap(lan, tmp_path):
         after = [o for _, o in watch.since(back)]
         assert set(after) == {"200 a-web"}, after
 
+        # A's supervisord alone is killed: its workers and keepalived live on; `lbc up`
+        # takes over, stopping the leftover keepalived (one failover at most), and
+        # exactly one keepalived runs for A afterwards.
+        os.kill(nodes["a"].supervisord_pid(), signal.SIGKILL)
+        assert nodes["a"].lbc("up").returncode == 0
+        conf = str(nodes["a"].state / "run" / "keepalived.conf")
+        assert wait_until(lambda: len(keepalived_parents(conf)) == 1, 10), keepalived_parents(conf)
+        back = time.monotonic()
+        assert wait_until(lambda: watch.first(back, "200 a-web") or watch.first(back, "200 b-web"), 6)
         print(f"failover: {figures}")
         assert figures["workers stopped"] < 3 and figures["node killed"] < 3, figures
     finally:
