@@ -6,6 +6,8 @@ dies, and does not move it back when the node returns (nopreempt)."""
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import shutil
 import signal
@@ -245,6 +247,15 @@ def test_status_shows_the_other_nodes(tmp_path, origins):
         assert wait_until(lambda: "a (" in peer_line("b") and "takes traffic" in peer_line("b"), 10), peer_line("b")
         assert "drained" in nodes["b"].lbc("drain-node").stdout
         assert wait_until(lambda: "unavailable (" in peer_line("a"), 5), peer_line("a")
+
+        # An admin API change on one node would not reach the other: refused.
+        conn = http.client.HTTPConnection(ips["a"], 9900, timeout=30)
+        conn.request("POST", "/backends", body=json.dumps({"address": ips["a"], "port": 9102}),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        answer = json.loads(r.read())
+        conn.close()
+        assert r.status == 409 and "would not reach the others" in answer["error"], answer
     finally:
         for n in nodes.values():
             n.cleanup()

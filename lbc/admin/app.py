@@ -100,6 +100,12 @@ class Api:
         return result.body, dict(result.parameters.path or {})
 
     async def change(self, edit: Callable[[tablemod.RoutingTable], tablemod.RoutingTable], command: str) -> None:
+        ha = self.live()[1].settings.ha
+        if ha is not None:
+            # The change would reach this node only: the nodes would serve
+            # different tables behind one virtual IP.
+            raise ApiError(409, f"this node is one of {len(ha.nodes)} (global.ha): a change made here would not reach "
+                           "the others; change the file and apply it on every node")
         try:
             await run_in_threadpool(service.change, self.state, edit, command=command, argv=command,
                                     lock_timeout=LOCK_TIMEOUT_S, origin="api")
