@@ -56,9 +56,7 @@ def test_unfinished_head_gets_408_within_the_default_timeout(front, figure):
         assert c.closed_within(2)
     figure(f"408 and closed at {elapsed:.1f} s (default client_header 10 s)")
     assert r.status == 408 and r.one("connection") == "close"
-    # the worker's clock is refreshed four times a second and deadlines are
-    # swept twice a second: from 0.25 s early to 0.75 s late
-    assert 9.7 < elapsed < 11, elapsed
+    assert 9.9 < elapsed < 11, elapsed  # never early; swept twice a second
 
 
 @pytest.mark.row("7")

@@ -241,6 +241,20 @@ def access_log_count(node, status: int) -> int:
 # -- row 3: slowloris ----------------------------------------------------------------------
 
 
+def all_closed(run, answered: int, figure, label: str) -> None:
+    """Rows 3 and 4: record the figure, then check that the service stayed
+    available and every attack connection was closed before the attack's end."""
+    closed_at = run.csv_all_closed_at()
+    lbc_closed = run.lbc_all_closed_at()
+    figure(f"{label}: {run.watch.available()}, slowhttptest unavailable in {len(run.csv_unavailable())}/"
+           f"{len(run.rows)} seconds; {run.opened()} attack connections (lbc held at most {run.held_max()}) all "
+           f"closed by {closed_at} s (CSV; lbc side by {lbc_closed and f'{lbc_closed:.1f}'} s), {answered} answered 408")
+    assert run.watch.failures == [], (run.watch.failures, run.watch.slow)
+    assert run.csv_unavailable() == [], (run.csv_unavailable(), run.watch.slow)
+    assert run.opened() >= 990, run.output[-2000:]
+    assert closed_at is not None and closed_at < 40, run.rows
+
+
 @pytest.mark.row("3")
 @pytest.mark.slow
 @pytest.mark.timeout(150)
@@ -249,16 +263,7 @@ def test_slowloris(front, node, tmp_path, figure):
     run = attack(ip, node, tmp_path, "slowloris",
                  ["-H", "-c", "1000", "-r", "200", "-i", "10", "-l", "40", "-u", f"http://{ip}:{HTTP_PORT}/"],
                  limit=70)
-    closed_at = run.csv_all_closed_at()
-    lbc_closed = run.lbc_all_closed_at()
-    figure(f"`{' '.join(run.cmd)}`: {run.watch.available()}, slowhttptest unavailable in "
-           f"{len(run.csv_unavailable())}/{len(run.rows)} seconds; {run.opened()} attack connections "
-           f"(lbc held at most {run.held_max()}) all closed by {closed_at} s (CSV; lbc side by "
-           f"{lbc_closed and f'{lbc_closed:.1f}'} s), {access_log_count(node, 408)} answered 408")
-    assert run.watch.failures == [], (run.watch.failures, run.watch.slow)
-    assert run.csv_unavailable() == [], (run.csv_unavailable(), run.watch.slow)
-    assert run.opened() >= 990, run.output[-2000:]
-    assert closed_at is not None and closed_at < 40, run.rows
+    all_closed(run, access_log_count(node, 408), figure, f"`{' '.join(run.cmd)}`")
 
 
 # -- row 4: slow body ---------------------------------------------------------------------
@@ -290,17 +295,7 @@ def test_slow_body(front, node, tmp_path, figure):
     assert result.returncode == 0, result.stdout + result.stderr
     before = access_log_count(node, 408)
     run = attack(ip, node, tmp_path, "slow-body-5s", args, limit=70)
-    closed_at = run.csv_all_closed_at()
-    lbc_closed = run.lbc_all_closed_at()
-    answered = access_log_count(node, 408) - before
-    figure(f"with `timeouts: {{client_body: 5s}}`: {run.watch.available()}, slowhttptest unavailable in "
-           f"{len(run.csv_unavailable())}/{len(run.rows)} seconds; {run.opened()} attack connections (lbc held at "
-           f"most {run.held_max()}) all closed by {closed_at} s (CSV; lbc side by "
-           f"{lbc_closed and f'{lbc_closed:.1f}'} s), {answered} answered 408")
-    assert run.watch.failures == [], (run.watch.failures, run.watch.slow)
-    assert run.csv_unavailable() == [], (run.csv_unavailable(), run.watch.slow)
-    assert run.opened() >= 990, run.output[-2000:]
-    assert closed_at is not None and closed_at < 40, run.rows
+    all_closed(run, access_log_count(node, 408) - before, figure, "with `timeouts: {client_body: 5s}`")
 
 
 # -- row 5: slow read ---------------------------------------------------------------------

@@ -60,7 +60,7 @@ from lbc.table import TableError
 log = logging.getLogger("lbc.worker")
 PUBLISH_EVERY = 0.25  # seconds between counter publications
 HEALTH_EVERY = 0.05  # seconds between looks at the health overlay's generation
-SWEEP_EVERY = 0.5  # seconds between timeout sweeps: a timeout fires at most ~0.75 s late
+SWEEP_EVERY = 0.5  # seconds between timeout sweeps
 BACKLOG = 4096
 ROOM_BATCH = 32  # idle connections closed at once when the client limit is reached
 
@@ -434,7 +434,10 @@ class Worker:
                               store_errors=sum(s.errors for s in self.stores.values()))
 
     def sweep(self, now: float) -> None:
-        for client in [c for c in self.clients if c.deadline and c.deadline < now]:
+        # Deadlines are set from self.now, up to PUBLISH_EVERY old: compared
+        # with as old a clock, none fires before its time (at most 0.75 s after).
+        due = now - PUBLISH_EVERY
+        for client in [c for c in self.clients if c.deadline and c.deadline < due]:
             client.on_timeout()
         for key, backend in list(self.retired.items()):
             if now - backend.removed_at >= backend.drain_ms / 1000:
