@@ -66,10 +66,9 @@ def lan():
 class Watch:
     """The client in its namespace, its lines collected as (time, outcome)."""
 
-    def __init__(self, lan: Lan) -> None:
+    def __init__(self, lan: Lan, argv: tuple[str, ...] = (str(CLIENT), VIP, "8080", "0.05")) -> None:
         self.lines: list[tuple[float, str]] = []
-        self.proc = subprocess.Popen([*lan.exec("c"), sys.executable, str(CLIENT), VIP, "8080", "0.05"],
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([*lan.exec("c"), sys.executable, *argv], stdout=subprocess.PIPE, text=True)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -259,3 +258,105 @@ def test_status_shows_the_other_nodes(tmp_path, origins):
     finally:
         for n in nodes.values():
             n.cleanup()
+
+
+# One GET / per cookie ("" for none) to the VIP each round, on a new connection, for ROUNDS
+# rounds (0: until killed). One line per request, as Watch reads them:
+# "<monotonic start> <cookie index> <status> <backend id> <Set-Cookie's name=value or ->".
+STICKY_CLIENT = f"""\
+import http.client, sys, time
+rounds, cookies = int(sys.argv[1]), sys.argv[2:]
+n = 0
+while rounds == 0 or n < rounds:
+    n += 1
+    for i, cookie in enumerate(cookies):
+        start = time.monotonic()
+        try:
+            c = http.client.HTTPConnection("{VIP}", 8080, timeout=0.5)
+            c.request("GET", "/", headers={{"Cookie": cookie}} if cookie else {{}})
+            r = c.getresponse()
+            body = r.read().decode(errors="replace").strip()
+            c.close()
+            outcome = f"{{r.status}} {{body}} {{(r.getheader('Set-Cookie') or '-').split(';')[0]}}"
+        except OSError as e:
+            outcome = f"error {{type(e).__name__}} -"
+        print(f"{{start:.3f}} {{i}} {{outcome}}", flush=True)
+    time.sleep(0.05)
+"""
+
+
+def test_sticky_sessions_keep_working_across_node_failover(lan, tmp_path):
+    """A cookie signed by the node that held the VIP pins the client to the same backend
+    on the node that takes the VIP over: the nodes share only the secret_file."""
+    lan.host("o", 20)
+    secret = tmp_path / "sticky.keys"
+    secret.write_text("one-secret-for-both-nodes-0123456789\n")
+    config = CONFIG.split("pools:")[0].replace("router_id: 77", "router_id: 78") + (
+        f"pools:\n  - name: web\n    sticky: {{mode: cookie, secret_file: {secret}}}\n    backends:\n"
+        f"      - {{id: app-1, address: {SUBNET}.20, port: 9201}}\n"
+        f"      - {{id: app-2, address: {SUBNET}.20, port: 9202}}\n")
+    script = tmp_path / "sticky_client.py"
+    script.write_text(STICKY_CLIENT)
+    origins = [Origin(f"app-{i}", http=[f"{SUBNET}.20:920{i}"], prefix=lan.exec("o")) for i in (1, 2)]
+    nodes = {n: LbcNode(tmp_path / n, prefix=lan.exec(n)) for n in ("a", "b")}
+    watch = None
+    try:
+        nodes["a"].up(config)
+        assert wait_until(lambda: holds_vip(lan, "a"), 10), lan.addresses("a")
+        nodes["b"].up(config)
+
+        # Cookie-less requests (round robin) until A has issued a cookie for each backend.
+        first = subprocess.run([*lan.exec("c"), sys.executable, str(script), "6", ""],
+                               capture_output=True, text=True, timeout=30).stdout
+        jar = {}
+        for line in first.splitlines():
+            _, _, status, ident, cookie = line.split(" ")
+            if status == "200" and cookie != "-":
+                jar.setdefault(ident, cookie)
+        assert sorted(jar) == ["app-1", "app-2"], first
+        # Three requests a round (app-1's cookie twice): a node ignoring the cookie and
+        # going round robin could not give this pattern by luck.
+        pinned = ["app-1", "app-1", "app-2"]
+        ok = {f"{i} 200 {p} -" for i, p in enumerate(pinned)}  # the pinned backend, no new cookie
+
+        # Through A (the holder) each cookie keeps its backend and is not reissued.
+        watch = Watch(lan, (str(script), "0", *(jar[p] for p in pinned)))
+        assert wait_until(lambda: len(watch.lines) >= 30, 10), watch.lines
+        assert holds_vip(lan, "a") and not holds_vip(lan, "b")
+        before = {o for _, o in watch.lines}
+        assert before == ok, before
+
+        # A dies whole. Answers to requests started once its processes are gone are B's.
+        pids = [nodes["a"].supervisord_pid(), *nodes["a"].worker_pids().values()]
+        start = time.monotonic()
+        kill_node(nodes["a"])
+
+        def a_alive() -> bool:
+            for p in pids:
+                with contextlib.suppress(psutil.Error):
+                    if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
+                        return True
+            return False
+
+        assert wait_until(lambda: not a_alive(), 5), pids
+        gone = time.monotonic()
+        assert wait_until(lambda: all(watch.first(gone, o) for o in ok), 10), watch.since(start)[-10:]
+        took = {f"cookie {i} ({p})": round(watch.first(gone, f"{i} 200 {p} -") - start, 3)
+                for i, p in enumerate(pinned)}
+        print(f"kill -> first sticky answer via b: {took}")
+        assert holds_vip(lan, "b")
+
+        # For a while after, every answer via B is the pinned backend with no new cookie;
+        # besides, only failed connections (before B had the address) are allowed.
+        more = time.monotonic()
+        assert wait_until(lambda: len(watch.since(more)) >= 30, 10)
+        after = {o for _, o in watch.since(gone)}
+        assert {o for o in after if o.split(" ")[1] != "error"} == ok, sorted(after)
+        assert max(took.values()) < 3, took
+    finally:
+        if watch is not None:
+            watch.stop()
+        for n in nodes.values():
+            n.cleanup()
+        for o in origins:
+            o.stop()
