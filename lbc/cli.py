@@ -9,14 +9,14 @@ import json
 import shlex
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from lbc import service
+from lbc import fleet, service
 from lbc import table as tablemod
 from lbc.config import load
 from lbc.errors import ConfigInvalid, LbcError
@@ -98,6 +98,21 @@ def compile_(
             typer.echo(f"Wrote table {compiled.version} to {out}", err=True)
 
 
+NodeOption = Annotated[list[str] | None, typer.Option(
+    "--node", help="A node's admin API (host:port, http://host:port, or a global.ha node's name); repeat for each.",
+    show_default=False)]
+AllNodes = Annotated[bool, typer.Option("--all-nodes", help="Every node of global.ha (their `admin` addresses).")]
+TokenFile = Annotated[Path | None, typer.Option(
+    "--token-file", envvar="LBC_ADMIN_TOKEN_FILE",
+    help="The nodes' bearer token (first line); default: the config's global.admin.token_file.")]
+
+
+def _fleet(compiled: service.Compiled, nodes: list[str] | None, all_nodes: bool,
+           token_file: Path | None) -> tuple[tuple[fleet.Target, ...], Callable[[fleet.Target], fleet.HttpNodeApi]]:
+    token = fleet.token(compiled, str(token_file) if token_file else None)
+    return fleet.targets(nodes or (), compiled.table, all_nodes), lambda t: fleet.HttpNodeApi(t, token)
+
+
 @app.command()
 def plan(
     file: ConfigFile,
@@ -107,9 +122,22 @@ def plan(
         bool, typer.Option("--detailed-exitcode", help="Exit 0 with no changes, 2 with changes, 1 on error.")
     ] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Save the plan for `lbc apply PLAN.json`.")] = None,
+    node: NodeOption = None,
+    all_nodes: AllNodes = False,
+    token_file: TokenFile = None,
 ) -> None:
-    """Show what applying FILE would change in the live table, and its effect."""
+    """Show what applying FILE would change in the live table, and its effect
+    (with --node: on each node, read through its admin API)."""
     with _reported():
+        if node or all_nodes:
+            if out is not None:
+                raise LbcError("--out saves the plan of one node; leave it out with --node")
+            compiled = service.compile_file(file)
+            _warn(compiled.config.warnings)
+            fleet_plan = fleet.plan(compiled, *_fleet(compiled, node, all_nodes, token_file))
+            typer.echo(json.dumps(fleet_plan.to_plain(), indent=2, sort_keys=True) if as_json
+                       else fleet_plan.render_text(), nl=as_json)
+            raise typer.Exit(fleet_plan.exit_code(detailed_exitcode))
         result, compiled = service.plan_file(file, StateDir(state))
         _warn(compiled.config.warnings)
         if as_json:
@@ -133,11 +161,26 @@ def apply(
     lock_timeout: LockTimeout = 30.0,
     no_wait: NoWait = False,
     wait_timeout: WaitTimeout = 10.0,
+    node: NodeOption = None,
+    all_nodes: AllNodes = False,
+    token_file: TokenFile = None,
+    partial: Annotated[bool, typer.Option(
+        "--partial", help="With --node: when a node fails, leave the others on the new table.")] = False,
 ) -> None:
     """Validate, compile and install FILE as the live table, recording it in
     history; when workers run, swap it in and wait until every worker serves
-    it (on failure the previous table is put back)."""
+    it (on failure the previous table is put back). With --node, on every
+    node through its admin API: if one fails, the others are put back too."""
     with _reported():
+        if node or all_nodes:
+            compiled = service.compile_file(file)
+            _warn(compiled.config.warnings)
+            outcome = fleet.apply(compiled, *_fleet(compiled, node, all_nodes, token_file), argv=_argv(),
+                                  partial=partial)
+            typer.echo(outcome.render_text(), nl=False)
+            raise typer.Exit(outcome.exit_code())
+        if partial:
+            raise LbcError("--partial goes with --node")
         saved = service.read_saved_plan(file)
         if saved is None:
             compiled = service.compile_file(file)

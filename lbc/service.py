@@ -28,7 +28,7 @@ from lbc import keepalived, mutate, nodecheck, shm
 from lbc import table as tablemod
 from lbc.compiler import compile_config
 from lbc.config import Config, load
-from lbc.errors import LbcError, StalePlan, StateError
+from lbc.errors import Conflict, LbcError, Rejected, StalePlan, StateError
 from lbc.plan import Plan, diff
 from lbc.state import HistoryRecord, StateDir, now_iso, slot_key
 from lbc.supervise import (
@@ -172,31 +172,50 @@ def read_saved_plan(path: str | PathLike[str]) -> tuple[str | None, Compiled] | 
     if doc[SAVED_PLAN_KEY] != SAVED_PLAN_FORMAT:
         raise LbcError(f"{path}: plan file format {doc[SAVED_PLAN_KEY]} is not supported")
     try:
-        table = tablemod.from_plain(RoutingTable, doc["table"])
-        data = tablemod.dump(table)
-        version = tablemod.version_of(data)
-        if version != doc["plan"]["version"]:
-            raise tablemod.TableError("its table does not hash to its version")
-        files = dict(doc["files"])
-    except (tablemod.TableError, KeyError, TypeError) as e:
+        version, files = doc["plan"]["version"], dict(doc["files"])
+    except (KeyError, TypeError) as e:
         raise LbcError(f"{path}: not a usable plan file: {e}") from None
-    secrets = {}
-    for digest in sorted(table.digests()):
-        secrets[digest] = _read_planned_file(files.get(digest), digest, path)
+    table, data = table_from_plain(doc.get("table"), version, f"{path}: not a usable plan file")
+    secrets = read_files(table, files, path)
     compiled = Compiled(table, data, version, secrets, files, doc.get("source"), doc.get("source_sha256"))
     return doc["plan"]["base_version"], compiled
 
 
-def _read_planned_file(file: str | None, digest: str, plan_path: Any) -> bytes:
-    if file is None:
-        raise LbcError(f"{plan_path}: the plan names file {digest[:12]} but not where it was read from")
+def table_from_plain(plain: Any, version: str, where: str) -> tuple[RoutingTable, bytes]:
+    """A table sent as JSON (a saved plan, a push), checked against the
+    version it claims; (table, canonical bytes)."""
     try:
-        data = Path(file).read_bytes()
-    except OSError as e:
-        raise LbcError(f"{plan_path}: cannot read {file}, which the plan uses: {e.strerror}") from None
-    if hashlib.sha256(data).hexdigest() != digest:
-        raise StalePlan(f"{file} changed since the plan was made; run lbc plan again")
-    return data
+        table = tablemod.from_plain(RoutingTable, plain)
+        data = tablemod.dump(table)
+        if tablemod.version_of(data) != version:
+            raise tablemod.TableError("its table does not hash to its version")
+    except (tablemod.TableError, KeyError, TypeError) as e:
+        raise Rejected(f"{where}: {e}") from None
+    return table, data
+
+
+def read_files(table: RoutingTable, files: dict[str, str], where: Any,
+               have: Callable[[str], bool] = lambda digest: False) -> dict[str, bytes]:
+    """The bytes of every file `table` names by digest (but those `have`
+    holds), read from where `files` says they were read when it was compiled,
+    and refused if they changed since. Secrets never travel in a plan or a
+    push: each machine reads its own copy."""
+    out = {}
+    for digest in sorted(table.digests()):
+        if have(digest):
+            continue
+        file = files.get(digest)
+        if file is None:
+            raise LbcError(f"{where}: names file {digest[:12]} but not where it was read from")
+        try:
+            data = Path(file).read_bytes()
+        except OSError as e:
+            raise LbcError(f"{where}: cannot read {file}, which the table uses: {e.strerror}") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StalePlan(f"{where}: {file} changed since the table was compiled (its sha256 is no longer "
+                            f"{digest[:12]}); run lbc plan again, or give this machine the same file")
+        out[digest] = data
+    return out
 
 
 def apply(
@@ -217,8 +236,8 @@ def apply(
         base_version, base = state.current_table()
         if saved_plan_base is not None and saved_plan_base[0] != base_version:
             planned = saved_plan_base[0][:12] if saved_plan_base[0] else "an empty state"
-            live = base_version[:12] if base_version else "nothing"
-            raise StalePlan(f"the plan was made against {planned}, but the live table is now {live}; run lbc plan again")
+            raise StalePlan(f"the plan was made against {planned}, but the live table is now "
+                            f"{_short(base_version)}; run lbc plan again")
         compiled = with_dynamic(compiled, base)
         plan = diff(base, compiled.table, base_version, compiled.version)
         if plan.empty:
@@ -250,10 +269,13 @@ def change(state: StateDir, edit: Callable[[RoutingTable], RoutingTable], *, com
 
 
 def rollback(state: StateDir, target: str | None, *, argv: str, lock_timeout: float, origin: str = "cli",
-             wait: bool = True, ack_timeout: float = 10.0) -> ApplyResult:
-    """Make an earlier table live again (default: the one before the live one)."""
+             wait: bool = True, ack_timeout: float = 10.0, expect: str | None = None) -> ApplyResult:
+    """Make an earlier table live again (default: the one before the live
+    one); with `expect`, only if that version is still the live one."""
     with state.lock(argv, lock_timeout):
         base_version, base = state.current_table()
+        if expect is not None and base_version != expect:
+            raise StalePlan(f"the live table is {_short(base_version)}, no longer {expect[:12]}: not rolled back")
         if target is not None:
             version = state.resolve_version(target)
         else:
@@ -269,6 +291,28 @@ def rollback(state: StateDir, target: str | None, *, argv: str, lock_timeout: fl
         delivery = _install_and_deliver(state, table, tablemod.dump(table), {}, record, base,
                                         wait=wait, ack_timeout=ack_timeout)
         return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery)
+
+
+def install_pushed(state: StateDir, plain: Any, version: str, *, files: dict[str, str], expect: str | None,
+                   source: str | None, source_sha256: str | None, argv: str, lock_timeout: float,
+                   ack_timeout: float = 10.0) -> ApplyResult:
+    """A table compiled elsewhere (`lbc apply FILE --node URL`), installed as
+    an apply is if the live table is still `expect`. The files it names that
+    this node lacks are read here, from the paths they were compiled from."""
+    table, data = table_from_plain(plain, version, "the pushed table")
+    live_version, live = state.current_table()
+    if live is not None and live.settings.admin != table.settings.admin:
+        # The admin API serving this push would restart in the middle of it.
+        raise Conflict("the table changes global.admin, which a push through the admin API cannot: "
+                       "apply it on the node itself (lbc apply FILE)")
+    secrets = read_files(table, files, "the pushed table", state.has_secret)
+    compiled = Compiled(table, data, version, secrets, files, source, source_sha256)
+    return apply(compiled, state, argv=argv, lock_timeout=lock_timeout, origin="push", saved_plan_base=(expect,),
+                 ack_timeout=ack_timeout)
+
+
+def _short(version: str | None) -> str:
+    return version[:12] if version else "nothing"
 
 
 def _install_and_deliver(state: StateDir, table: RoutingTable, data: bytes, secrets: dict[str, bytes],

@@ -70,7 +70,7 @@ class HistoryRecord:
     previous: str | None  # the version live when this install started
     time: str  # ISO 8601 UTC
     command: str  # apply, rollback, ...
-    origin: str  # cli, api, watch
+    origin: str  # cli, api, watch, push (lbc apply --node, from another machine)
     source: str | None  # config path, when there is one
     source_sha256: str | None
     who: str  # user@host

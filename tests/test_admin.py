@@ -5,6 +5,7 @@ parsed with prometheus-client and matched against the requests sent."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -14,6 +15,7 @@ import sys
 import time
 
 import pytest
+from conftest import lbc
 from openapi_core import OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
 from prometheus_client.parser import text_string_to_metric_families
@@ -325,3 +327,55 @@ def metrics(admin: Admin) -> dict:
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+def test_a_pushed_table_is_checked_installed_and_rolled_back(stack, node, ip, tmp_path):
+    """PUT /table and POST /table/rollback, the endpoints behind `lbc apply --node`."""
+    v0, table0 = (lambda b: (b["version"], b["table"]))(stack.call("GET", "/table")[1])
+    assert v0 == StateDir(node.state).current_version() and table0["pools"][0]["name"] == "app"
+
+    # Through the command: one node named by host:port.
+    changed = node.write(config(ip).replace("drain_timeout: 2s", "drain_timeout: 3s"), "changed.yaml")
+    plan = node.lbc("plan", str(changed), "--node", f"{ip}:9900", "--detailed-exitcode")
+    assert plan.returncode == 2 and "Plan: 0 to add, 3 to change, 0 to remove." in plan.stdout, plan.stdout
+    assert f"live {v0[:12]}" in plan.stdout and "1 of 1 node would change." in plan.stdout
+    applied = node.lbc("apply", str(changed), "--node", f"http://{ip}:9900")
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    v1 = StateDir(node.state).current_version()
+    assert v1 != v0 and f"serves {v1[:12]}" in applied.stdout and "is live on all 1 node." in applied.stdout
+    record = StateDir(node.state).history()[-1]
+    assert (record.origin, record.source) == ("push", str(changed.resolve()))
+    assert set(served(ip, 4)) == {"a"}
+    again = node.lbc("apply", str(changed), "--node", f"{ip}:9900")
+    assert again.returncode == 0 and "already serves it" in again.stdout
+
+    # Refusals change nothing.
+    compiled = json.loads(lbc("compile", str(changed)).stdout)
+    stale = {"version": v1, "table": compiled, "expect": v0}
+    code, answer = stack.call("PUT", "/table", stale)
+    assert code == 409 and "the live table is now" in answer["error"], answer
+    moved = lbc("compile", str(node.write(config(ip).replace(":9900", ":9901"), "moved.yaml"))).stdout
+    code, answer = stack.call("PUT", "/table", {"version": hashlib.sha256(moved.strip().encode()).hexdigest(),
+                                                "table": json.loads(moved), "expect": v1})
+    assert code == 409 and "changes global.admin" in answer["error"], answer
+    code, answer = stack.call("PUT", "/table", {"version": "0" * 64, "table": compiled, "expect": v1})
+    assert code == 400 and "does not hash to its version" in answer["error"], answer
+
+    # A secret the node lacks is read from the path the pusher names, and must be the same file.
+    secret = tmp_path / "sticky.secret"
+    secret.write_text("one secret, 32 bytes or more ........\n")
+    sticky = node.write(config(ip, web_extra=f"    sticky: {{mode: cookie, secret_file: {secret}}}\n"), "sticky.yaml")
+    text = lbc("compile", str(sticky)).stdout.strip()
+    secret.write_text("another secret, as long as the first.\n")
+    body = {"version": hashlib.sha256(text.encode()).hexdigest(), "table": json.loads(text), "expect": v1,
+            "files": {json.loads(text)["pools"][1]["sticky"]["secret_sha256"]: str(secret)}}
+    code, answer = stack.call("PUT", "/table", body)
+    assert code == 409 and "changed since the table was compiled" in answer["error"], answer
+    assert StateDir(node.state).current_version() == v1
+
+    # Rollback, on the condition that the live table is the one named.
+    assert stack.call("POST", "/table/rollback", {"version": v0, "expect": v0})[0] == 409
+    code, answer = stack.call("POST", "/table/rollback", {"version": v0, "expect": v1})
+    assert (code, answer["installed"], answer["version"], answer["workers"]) == (200, True, v0, 2), answer
+    assert StateDir(node.state).current_version() == v0
+    assert stack.call("POST", "/table/rollback", {"version": "f" * 64, "expect": v0})[0] == 404

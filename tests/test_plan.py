@@ -117,7 +117,7 @@ pools:
     shutil.copy(tls_files["api_cert"], cert)
     shutil.copy(tls_files["api_key"], key)
     result = lbc("apply", str(saved), "--state", str(state))
-    assert result.returncode == 1 and "changed since the plan was made" in result.stderr
+    assert result.returncode == 1 and "changed since the table was compiled" in result.stderr
     assert StateDir(state).current_version() is None
 
 

@@ -4,11 +4,13 @@ handler runs, and the tests check every response against it.
 
 Glue only: handlers parse, call lbc.service / lbc.mutate, and shape JSON.
 Every change goes through service.change (lock, edit the live table, install,
-signal the workers, wait for their acks), in a worker thread, since it blocks.
+signal the workers, wait for their acks), a pushed table (PUT /table, from
+`lbc apply --node`) through service.install_pushed, in a worker thread, since
+they block.
 
 Errors are JSON `{"error": ..., "detail": ...}`: 400 for a request the spec
 or the change refuses, 401 without the token where one is needed, 404, 409,
-413 for bodies over 64 KiB, 503 when the change could not be delivered to
+413 for bodies over 64 KiB (32 MiB for a table), 503 when the change could not be delivered to
 the workers (the previous table is live again). Nothing else reaches a
 client: an unexpected exception is logged and answered 500 without details.
 """
@@ -33,12 +35,13 @@ from starlette.routing import Route
 
 from lbc import mutate, nodecheck, service
 from lbc import table as tablemod
-from lbc.errors import LbcError, Rejected
+from lbc.errors import LbcError, Rejected, StalePlan, UnknownVersion
 from lbc.service import ApplyFailed
 from lbc.state import StateDir, now_iso
 
 log = logging.getLogger("lbc.admin")
 MAX_BODY = 64 * 1024
+MAX_TABLE_BODY = 32 * 1024 * 1024  # PUT /table: a whole table
 LOCK_TIMEOUT_S = 30.0
 
 
@@ -70,7 +73,7 @@ class Api:
 
     # -- request gates ------------------------------------------------------------------
 
-    async def checked(self, request: Request) -> tuple[Any, dict[str, Any]]:
+    async def checked(self, request: Request, limit: int = MAX_BODY) -> tuple[Any, dict[str, Any]]:
         """(body, path parameters) of a request the spec accepts."""
         if self.token is not None and request.url.path != "/healthz":
             given = request.headers.get("authorization", "")
@@ -83,13 +86,14 @@ class Api:
             if name.lower() not in self.hosts:
                 raise ApiError(400, f"Host {host!r} is not this admin API's address")
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            raise ApiError(413, f"request bodies are limited to {MAX_BODY} bytes")
-        body = b""
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise ApiError(413, f"request bodies are limited to {limit} bytes")
+        received = bytearray()
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY:
-                raise ApiError(413, f"request bodies are limited to {MAX_BODY} bytes")
+            received += chunk
+            if len(received) > limit:
+                raise ApiError(413, f"request bodies are limited to {limit} bytes")
+        body = bytes(received)
         try:
             body.decode("utf-8")  # JSON is UTF-8; openapi-core's own errors choke on other bytes
         except UnicodeDecodeError as e:
@@ -111,6 +115,20 @@ class Api:
                                     lock_timeout=LOCK_TIMEOUT_S, origin="api")
         except ApplyFailed as e:
             raise ApiError(503, "the workers did not take the change; the previous table is live again", str(e)) from None
+
+    async def install(self, fn: Callable[..., service.ApplyResult], *args: Any, **kwargs: Any) -> Response:
+        """Run an install (a push, a rollback) and answer with its outcome."""
+        try:
+            result = await run_in_threadpool(fn, self.state, *args, lock_timeout=LOCK_TIMEOUT_S, **kwargs)
+        except StalePlan as e:
+            raise ApiError(409, str(e)) from None
+        except UnknownVersion as e:
+            raise ApiError(404, str(e)) from None
+        except ApplyFailed as e:
+            raise ApiError(503, "the workers did not take the table; the previous table is live again", str(e)) from None
+        plan, delivery = result.plan, result.delivery
+        return JSONResponse({"installed": result.installed, "version": plan.version, "base_version": plan.base_version,
+                             "summary": plan.summary(), "workers": len(delivery.acks) if delivery else 0})
 
     # -- handlers ------------------------------------------------------------------
 
@@ -198,6 +216,22 @@ class Api:
         await self.change(edit, "api: PUT /config/algorithm")
         return JSONResponse(pool_settings(made["pool"]))
 
+    async def get_table(self, request: Request) -> Response:
+        await self.checked(request)
+        version, table = self.live()
+        return JSONResponse({"version": version, "table": tablemod.to_plain(table)})
+
+    async def put_table(self, request: Request) -> Response:
+        body, _ = await self.checked(request, limit=MAX_TABLE_BODY)
+        return await self.install(service.install_pushed, body["table"], body["version"], files=body.get("files") or {},
+                                  expect=body["expect"], source=body.get("source"),
+                                  source_sha256=body.get("source_sha256"), argv=body.get("argv") or "api: PUT /table")
+
+    async def rollback_table(self, request: Request) -> Response:
+        body, _ = await self.checked(request)
+        return await self.install(service.rollback, body["version"], expect=body["expect"], origin="push",
+                                  argv=body.get("argv") or "api: POST /table/rollback")
+
     async def healthz(self, request: Request) -> Response:
         await self.checked(request)
         h = await run_in_threadpool(nodecheck.check, self.state)
@@ -272,6 +306,8 @@ def make_app(state: StateDir, token: bytes | None, host: str = "127.0.0.1") -> S
         Route("/backends/{backend_id}/health", handle(api.backend_health), methods=["GET"]),
         Route("/config", handle(api.get_config), methods=["GET"]),
         Route("/config/algorithm", handle(api.set_algorithm), methods=["PUT"]),
+        Route("/table", handle(by_method(GET=api.get_table, PUT=api.put_table)), methods=["GET", "PUT"]),
+        Route("/table/rollback", handle(api.rollback_table), methods=["POST"]),
         Route("/healthz", handle(api.healthz), methods=["GET"]),
         Route("/metrics", handle(metrics_endpoint(api)), methods=["GET"]),
     ]
