@@ -200,6 +200,7 @@ def _ha(h: Tree) -> HighAvailability:
         keepalived=h["keepalived"],
         nodes=tuple(HaNode(n["name"], _normal_address(n["address"]), n["priority"], n.get("admin"))
                     for n in h["nodes"]),
+        store=h.get("store"),
     )
 
 

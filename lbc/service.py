@@ -29,6 +29,7 @@ from lbc import table as tablemod
 from lbc.compiler import compile_config
 from lbc.config import Config, load
 from lbc.errors import Conflict, LbcError, Rejected, StalePlan, StateError
+from lbc.hastore import SharedTable, Stored, StoreUnavailable
 from lbc.plan import Plan, diff
 from lbc.state import HistoryRecord, StateDir, now_iso, slot_key
 from lbc.supervise import (
@@ -105,11 +106,14 @@ class ApplyResult:
     installed: bool
     state: str
     delivery: Delivery | None = None
+    shared: str = ""  # what became of it in global.ha.store
 
     def render_text(self) -> str:
         text = self.plan.render_text()
         if self.installed and self.delivery is not None:
             text += f"\nInstalled table {self.plan.version[:12]} as current in {self.state}; {self.delivery.describe()}.\n"
+        if self.shared:
+            text += self.shared + "\n"
         return text
 
     def exit_code(self) -> int:
@@ -228,44 +232,114 @@ def apply(
     saved_plan_base: tuple[str | None] | None = None,
     wait: bool = True,
     ack_timeout: float = 10.0,
+    from_store: bool = False,
 ) -> ApplyResult:
     """Install `compiled` as the live table and, when workers run, hand it to
     them. From a saved plan (`saved_plan_base` holds the version it was made
-    against), refuse unless that version is still the live one."""
+    against), refuse unless that version is still the live one. With
+    global.ha.store, the table is then written there for the other nodes
+    (`from_store`: it came from there, and is installed exactly as stored)."""
     with state.lock(argv, lock_timeout):
         base_version, base = state.current_table()
         if saved_plan_base is not None and saved_plan_base[0] != base_version:
             planned = saved_plan_base[0][:12] if saved_plan_base[0] else "an empty state"
             raise StalePlan(f"the plan was made against {planned}, but the live table is now "
                             f"{_short(base_version)}; run lbc plan again")
-        compiled = with_dynamic(compiled, base)
+        if not from_store:
+            compiled = with_dynamic(compiled, base)
         plan = diff(base, compiled.table, base_version, compiled.version)
         if plan.empty:
             return ApplyResult(plan, installed=False, state=str(state.root))
         record = _record(compiled.version, base_version, "apply", origin, compiled.source, compiled.source_sha256, argv)
         delivery = _install_and_deliver(state, compiled.table, compiled.data, compiled.secrets, record, base,
                                         wait=wait, ack_timeout=ack_timeout)
-        return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery)
+        shared = "" if from_store else _share(compiled.table, Stored(compiled.version, compiled.data, compiled.files))
+        return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=shared)
+
+
+def install_stored(state: StateDir, stored: Stored, expect: str | None, *, lock_timeout: float) -> ApplyResult:
+    """A table another node of the group wrote to global.ha.store (the
+    follower, lbc.hastore), installed if the live table is still `expect`."""
+    try:
+        table = tablemod.load(stored.data, expected_version=stored.version)
+    except tablemod.TableError as e:
+        raise LbcError(f"the stored table {stored.version[:12]} cannot be read: {e}") from None
+    _keeps_admin(state, table, "the admin API following the ha store")
+    secrets = read_files(table, stored.files, f"the stored table {stored.version[:12]}", state.has_secret)
+    compiled = Compiled(table, stored.data, stored.version, secrets, stored.files, None, None)
+    return apply(compiled, state, argv="ha store", lock_timeout=lock_timeout, origin="store",
+                 saved_plan_base=(expect,), from_store=True)
+
+
+def _share(table: RoutingTable, stored: Stored) -> str:
+    """Write an installed table to the group's store (hastore rule 2); a note
+    for the result."""
+    store = SharedTable.of(table)
+    if store is None:
+        return ""
+    try:
+        if store.version() != stored.version:
+            store.publish(stored)
+    except StoreUnavailable as e:
+        return f"warning: {e}; the other nodes do not get this table from it"
+    finally:
+        store.close()
+    return f"Written to the ha store {store.url}: the other nodes follow."
 
 
 def change(state: StateDir, edit: Callable[[RoutingTable], RoutingTable], *, command: str, argv: str,
            lock_timeout: float, origin: str = "api", wait: bool = True, ack_timeout: float = 10.0) -> ApplyResult:
     """An imperative change: `edit` makes the new table from the live one
     (lbc.mutate; it raises Rejected to refuse), then it is installed and
-    delivered as an apply is, and recorded with its origin."""
+    delivered as an apply is, and recorded with its origin. With
+    global.ha.store, it is made on the stored table and written there first,
+    by compare-and-set (lbc.hastore rule 1)."""
     with state.lock(argv, lock_timeout):
-        base_version, base = state.current_table()
-        if base is None:
+        live_version, live = state.current_table()
+        if live is None:
             raise LbcError(f"nothing is installed in {state.root}: apply a file first")
-        table = edit(base)
+        store = SharedTable.of(live)
+        try:
+            base_version, table, stored = _edit_shared(store, live_version, live, edit)
+        finally:
+            if store is not None:
+                store.close()
         data = tablemod.dump(table)
         version = tablemod.version_of(data)
-        plan = diff(base, table, base_version, version)
+        plan = diff(live, table, live_version, version)
         if plan.empty:
             return ApplyResult(plan, installed=False, state=str(state.root))
-        record = _record(version, base_version, command, origin, None, None, argv)
-        delivery = _install_and_deliver(state, table, data, {}, record, base, wait=wait, ack_timeout=ack_timeout)
-        return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery)
+        record = _record(version, live_version, command, origin, None, None, argv)
+        try:
+            delivery = _install_and_deliver(state, table, data, {}, record, live, wait=wait, ack_timeout=ack_timeout)
+        except ApplyFailed:
+            if store is not None and base_version != version:  # put the store back, unless it moved on
+                with contextlib.suppress(StoreUnavailable):
+                    store.swap(version, stored)
+            raise
+        shared = f"Written to the ha store {store.url}: the other nodes follow." if store is not None else ""
+        return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=shared)
+
+
+CAS_TRIES = 5
+
+
+def _edit_shared(store: SharedTable | None, live_version: str, live: RoutingTable,
+                 edit: Callable[[RoutingTable], RoutingTable]) -> tuple[str, RoutingTable, Stored | None]:
+    """(version edited, the new table, what the store held) for change()."""
+    if store is None:
+        return live_version, edit(live), None
+    for _ in range(CAS_TRIES):
+        stored = store.read()
+        base_version, base = live_version, live
+        if stored is not None and stored.version != live_version:  # the group is ahead of this node
+            base_version, base = stored.version, tablemod.load(stored.data, expected_version=stored.version)
+        table = edit(base)
+        data = tablemod.dump(table)
+        new = Stored(tablemod.version_of(data), data, stored.files if stored else {})
+        if new.version == base_version or store.swap(stored.version if stored else None, new):
+            return base_version, table, stored or Stored(live_version, tablemod.dump(live), {})
+    raise Conflict(f"the ha store {store.url} changed {CAS_TRIES} times while this change was made; try again")
 
 
 def rollback(state: StateDir, target: str | None, *, argv: str, lock_timeout: float, origin: str = "cli",
@@ -288,9 +362,10 @@ def rollback(state: StateDir, target: str | None, *, argv: str, lock_timeout: fl
         if plan.empty:
             return ApplyResult(plan, installed=False, state=str(state.root))
         record = _record(version, base_version, "rollback", origin, None, None, argv)
-        delivery = _install_and_deliver(state, table, tablemod.dump(table), {}, record, base,
-                                        wait=wait, ack_timeout=ack_timeout)
-        return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery)
+        data = tablemod.dump(table)
+        delivery = _install_and_deliver(state, table, data, {}, record, base, wait=wait, ack_timeout=ack_timeout)
+        shared = _share(table, Stored(version, data, {}))
+        return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=shared)
 
 
 def install_pushed(state: StateDir, plain: Any, version: str, *, files: dict[str, str], expect: str | None,
@@ -300,15 +375,20 @@ def install_pushed(state: StateDir, plain: Any, version: str, *, files: dict[str
     an apply is if the live table is still `expect`. The files it names that
     this node lacks are read here, from the paths they were compiled from."""
     table, data = table_from_plain(plain, version, "the pushed table")
-    live_version, live = state.current_table()
-    if live is not None and live.settings.admin != table.settings.admin:
-        # The admin API serving this push would restart in the middle of it.
-        raise Conflict("the table changes global.admin, which a push through the admin API cannot: "
-                       "apply it on the node itself (lbc apply FILE)")
+    _keeps_admin(state, table, "a push through the admin API")
     secrets = read_files(table, files, "the pushed table", state.has_secret)
     compiled = Compiled(table, data, version, secrets, files, source, source_sha256)
     return apply(compiled, state, argv=argv, lock_timeout=lock_timeout, origin="push", saved_plan_base=(expect,),
                  ack_timeout=ack_timeout)
+
+
+def _keeps_admin(state: StateDir, table: RoutingTable, who: str) -> None:
+    """Installs made by the admin API process cannot change its own settings:
+    it would be restarted in the middle of the install."""
+    _, live = state.current_table()
+    if live is not None and live.settings.admin != table.settings.admin:
+        raise Conflict(f"the table changes global.admin, which {who} cannot install: "
+                       "apply it on the node itself (lbc apply FILE)")
 
 
 def _short(version: str | None) -> str:

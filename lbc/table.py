@@ -300,6 +300,7 @@ class HighAvailability:
     preempt: bool
     keepalived: bool  # lbc up runs it
     nodes: tuple[HaNode, ...]
+    store: str | None  # redis:// URL of the table the nodes share (lbc.hastore); None: each node its own
 
     def __post_init__(self) -> None:
         _require(1 <= self.router_id <= 255, "router_id out of range")

@@ -10,11 +10,14 @@ import ipaddress
 import logging
 import signal
 import sys
+import threading
 import time
 
 import uvicorn
 
+from lbc import service
 from lbc.admin.app import make_app
+from lbc.hastore import Follower
 from lbc.state import StateDir
 from lbc.table import RoutingTable
 
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     admin = table.settings.admin
     app = make_app(state, token_for(state, table), admin.host)
     log.info("admin API on %s:%d", admin.host, admin.port)
+    stop = threading.Event()
+    threading.Thread(target=follow_store, args=(state, stop), name="ha-store", daemon=True).start()
     try:
         uvicorn.run(app, host=admin.host, port=admin.port, log_level="warning", access_log=False, lifespan="off",
                     timeout_graceful_shutdown=5, server_header=False)
@@ -64,7 +69,23 @@ def main(argv: list[str] | None = None) -> int:
         if e.code:
             time.sleep(2)
         raise
+    finally:
+        stop.set()
     return 0
+
+
+def follow_store(state: StateDir, stop: threading.Event) -> None:
+    """global.ha.store's follower (lbc.hastore rule 3), for as long as the
+    API runs; the live table is read again only when its version changes."""
+    seen: list = [None, None]
+
+    def current() -> tuple[str | None, RoutingTable | None]:
+        version = state.current_version()
+        if version != seen[0]:
+            seen[:] = state.current_table()
+        return seen[0], seen[1]
+
+    Follower(lambda stored, expect: service.install_stored(state, stored, expect, lock_timeout=30)).run(current, stop)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -105,11 +105,12 @@ class Api:
 
     async def change(self, edit: Callable[[tablemod.RoutingTable], tablemod.RoutingTable], command: str) -> None:
         ha = self.live()[1].settings.ha
-        if ha is not None:
+        if ha is not None and not ha.store:
             # The change would reach this node only: the nodes would serve
             # different tables behind one virtual IP.
-            raise ApiError(409, f"this node is one of {len(ha.nodes)} (global.ha): a change made here would not reach "
-                           "the others; change the file and apply it on every node")
+            raise ApiError(409, f"this node is one of {len(ha.nodes)} (global.ha) without a shared store: a change "
+                           "made here would not reach the others; set global.ha.store, or change the file and "
+                           "apply it to every node (lbc apply FILE --all-nodes)")
         try:
             await run_in_threadpool(service.change, self.state, edit, command=command, argv=command,
                                     lock_timeout=LOCK_TIMEOUT_S, origin="api")

@@ -270,8 +270,8 @@ class _Checker:
         if ttl is not None and not MIN_TTL_MS <= ttl <= MAX_TTL_MS:
             self.error(path + ("ttl",), f"must be between 1s and 30d (got {sticky['ttl']})")
         store = sticky.get("store")
-        if isinstance(store, str) and (m := re.search(r":([0-9]+)(/|$)", store.rpartition("@")[2])) and not 1 <= int(m.group(1)) <= 65535:
-            self.error(path + ("store",), f"port {m.group(1)} is out of range (1 to 65535)")
+        if isinstance(store, str):
+            self.check_store_port(path + ("store",), store)
         if isinstance(store, str) and store.startswith("redis://") and "udp" in protocols:
             self.warn(path + ("store",), "udp sessions are placed by the hash ring alone: the store is used by http, https and tcp listeners")
         if mode == "cookie" and isinstance(store, str) and store.startswith("redis://") and "secret_file" not in sticky:
@@ -366,6 +366,18 @@ class _Checker:
         check = self.nonnegative_duration(base + ("check_interval",), ha.get("check_interval"))
         if check is not None and (check < 1000 or check % 1000):
             self.error(base + ("check_interval",), "must be whole seconds, at least 1s (keepalived's script interval)")
+        store = ha.get("store")
+        if isinstance(store, str):
+            self.check_store_port(base + ("store",), store)
+            admin = glob.get("admin")
+            if isinstance(admin, dict) and admin.get("enabled") is False:
+                self.error(base + ("store",), "needs the admin API (global.admin.enabled): it installs what the "
+                           "other nodes write to the store")
+
+    def check_store_port(self, path: Path, url: str) -> None:
+        m = re.search(r":([0-9]+)(/|$)", url.rpartition("@")[2])
+        if m and not 1 <= int(m.group(1)) <= 65535:
+            self.error(path, f"port {m.group(1)} is out of range (1 to 65535)")
 
     def positive_duration(self, path: Path, value: Any) -> int | None:
         ms = self.nonnegative_duration(path, value)
