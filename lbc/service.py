@@ -646,6 +646,7 @@ class NodeStatus:
     watch: dict | None  # what `lbc watch` last did (state, message, version, time), if it ran
     node: nodecheck.NodeHealth  # should the node take traffic (/healthz, keepalived's check)
     peers: dict  # the other ha nodes as this node's health checker last probed them
+    store: str  # global.ha.store and where it stands against this node; "" without one
 
     def render_text(self) -> str:
         out = [f"state:     {self.state}",
@@ -656,6 +657,8 @@ class NodeStatus:
         for name, p in sorted(self.peers.items()):
             verdict = "takes traffic" if p.get("ok") else f"unavailable ({p.get('error') or '?'})"
             out.append(f"peer:      {name} ({p.get('admin')}): {verdict}, checked {now - p.get('checked', 0):.1f}s ago")
+        if self.store:
+            out.append(f"store:     {self.store}")
         if self.processes:
             out += ["", f"{'PROCESS':<12} {'STATE':<9} {'PID':>7} {'UPTIME':>8} {'SERVES':<12} {'RSS':>9} {'CPU%':>5}"]
             for p in self.processes:
@@ -745,7 +748,23 @@ def status(state: StateDir, process_figures: bool = True) -> NodeStatus:
         if memory is not None:
             memory.close()
     return NodeStatus(str(state.root), running, node.supervisord_pid(), live, tuple(processes), tuple(backends),
-                      checker_age, trusted, state.watch_status(), nodecheck.check(state), nodecheck.read_peers(state))
+                      checker_age, trusted, state.watch_status(), nodecheck.check(state), nodecheck.read_peers(state),
+                      _store_status(table, live))
+
+
+def _store_status(table: RoutingTable | None, live: str | None) -> str:
+    store = SharedTable.of(table)
+    if store is None:
+        return ""
+    try:
+        stored = store.version()
+    except StoreUnavailable as e:
+        return str(e)
+    finally:
+        store.close()
+    if stored == live:
+        return f"{store.url}: holds {_short(stored)}, which this node serves"
+    return f"{store.url}: holds {_short(stored)}; this node serves {_short(live)} (its admin API follows the store)"
 
 
 def export_keepalived(file: str | PathLike[str], state: StateDir, node: str | None) -> str:

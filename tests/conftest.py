@@ -119,6 +119,24 @@ def node(tmp_path: Path):
 
 
 @pytest.fixture
+def lan():
+    """Network namespaces a (10.77.0.1) and b (.2), two nodes, and c (.10), a
+    client, on one bridge; skipped where namespaces cannot be made."""
+    from support.netns import Lan, can_make
+
+    why = can_make()
+    if why is not None:
+        pytest.skip(why)
+    net = Lan()
+    try:
+        for name, number in (("a", 1), ("b", 2), ("c", 10)):
+            net.host(name, number)
+        yield net
+    finally:
+        net.close()
+
+
+@pytest.fixture
 def origins():
     """origins(ident, http=[...], tcp=[...], udp=[...]) starts one; all are
     killed by PID when the test ends."""

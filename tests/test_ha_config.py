@@ -13,7 +13,7 @@ import sys
 import threading
 
 import pytest
-from support.netns import SUBNET, Lan, can_make
+from support.netns import SUBNET
 from support.node import LbcNode, Origin, wait_until
 
 from lbc.state import StateDir
@@ -43,20 +43,6 @@ listeners:
   - name: web
     backends: [{{id: local, address: 127.0.0.1, port: 9101}}]
 """
-
-
-@pytest.fixture
-def lan():
-    why = can_make()
-    if why is not None:
-        pytest.skip(why)
-    net = Lan()
-    try:
-        for name, number in (("a", 1), ("b", 2), ("c", 10)):
-            net.host(name, number)
-        yield net
-    finally:
-        net.close()
 
 
 def test_apply_to_every_node_rolls_back_or_keeps_partial(lan, tmp_path):
@@ -208,6 +194,7 @@ def test_admin_api_changes_reach_every_node_through_the_store(lan, tmp_path):
         assert applied.returncode == 0 and "Written to the ha store" in applied.stdout, applied.stdout
         assert wait_until(lambda: live("a") == live("b"), 5), (live("a"), live("b"))
         assert backends("a") == {"127.0.0.1:9101"}
+        assert f"store:     {REDIS}: holds {live('a')[:12]}, which this node serves" in nodes["a"].lbc("status").stdout
 
         # Redis gone: the API refuses the change (nothing changes anywhere); the nodes serve on.
         before = live("a")
@@ -216,6 +203,7 @@ def test_admin_api_changes_reach_every_node_through_the_store(lan, tmp_path):
         code, answer = call("a", "POST", "/backends", {"address": "127.0.0.1", "port": 9102})
         assert code == 503 and "the ha store" in answer["error"], answer
         assert live("a") == live("b") == before
+        assert f"store:     the ha store {REDIS} did not answer" in nodes["b"].lbc("status").stdout
     finally:
         if redis.poll() is None:
             redis.kill()
