@@ -157,12 +157,14 @@ def test_virtual_ip_fails_over_and_does_not_flap(lan, keepalived_installed, tmp_
         assert wait_until(lambda: watch.first(start, "200 a-web"), 6), watch.since(start)[-10:]
         figures["node killed"] = watch.first(start, "200 a-web") - start
 
-        # B comes back: no move, no failed request.
+        # B comes back: no move, no failed request; its keepalived drops the address
+        # the killed one left on eth0.
         assert nodes["b"].lbc("up").returncode == 0
         back = time.monotonic()
         time.sleep(4)
         after = [o for _, o in watch.since(back)]
         assert set(after) == {"200 a-web"}, after
+        assert not holds_vip(lan, "b") and holds_vip(lan, "a")
 
         # A's supervisord alone is killed: its workers and keepalived live on; `lbc up`
         # takes over, stopping the leftover keepalived (one failover at most), and
