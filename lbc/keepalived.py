@@ -64,15 +64,14 @@ def _check_script_security(script: Path) -> None:
                            "a user other than root; install lbc where only root can write")
 
 
-def render(ha: HighAvailability, node: HaNode, state: Path, *, exported: bool = False,
-           script_user: str = "root") -> str:
+def render(ha: HighAvailability, node: HaNode, state: Path, *, exported: bool = False) -> str:
     """keepalived.conf for `node`; its node check runs lbc's on `state`."""
     check = check_command(state)
     template = jinja2.Environment(autoescape=False, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     text = files("lbc.templates").joinpath("keepalived.conf.j2").read_text()
     return template.from_string(text).render(
         ha=ha, node=node, peers=[n for n in ha.nodes if n.name != node.name], check_command=check,
-        exported=exported, script_user=script_user)
+        exported=exported)
 
 
 def this_node(ha: HighAvailability, name: str | None = None) -> HaNode:
