@@ -37,7 +37,7 @@ from pathlib import Path
 
 from lbc import shm
 from lbc.errors import LbcError
-from lbc.state import StateDir
+from lbc.state import StateDir, replace_file
 from lbc.table import worker_count
 
 WORKER_STALE_S = 3.0
@@ -137,22 +137,16 @@ def set_draining(state: StateDir, draining: bool) -> bool:
             return False
     if path.exists():
         return False
-    temp = path.with_name(f".{DRAIN_FILE}-{os.getpid()}.part")
     try:
         state.run.mkdir(parents=True, exist_ok=True)
-        temp.write_text(json.dumps({"since": time.time(), "pid": os.getpid()}) + "\n")
-        os.replace(temp, path)
+        replace_file(path, (json.dumps({"since": time.time(), "pid": os.getpid()}) + "\n").encode())
     except OSError as e:
-        temp.unlink(missing_ok=True)
         raise LbcError(f"cannot write {path}: {e.strerror}") from None
     return True
 
 
 def write_peers(state: StateDir, peers: dict[str, dict]) -> None:
-    path = state.run / PEERS_FILE
-    temp = path.with_name(f".{PEERS_FILE}-{os.getpid()}.part")
-    temp.write_text(json.dumps(peers, sort_keys=True) + "\n")
-    os.replace(temp, path)
+    replace_file(state.run / PEERS_FILE, (json.dumps(peers, sort_keys=True) + "\n").encode())
 
 
 def read_peers(state: StateDir) -> dict[str, dict]:

@@ -358,6 +358,19 @@ def listener_key(name: str) -> str:
     return f"\x01listener\x00{name}"
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Write a runtime file (run/) whole, through a temporary file and a
+    rename, so readers never see half of it. No fsync: run/ describes the
+    processes of this boot, not state to keep across a crash."""
+    temp = path.with_name(f".{path.name}-{os.getpid()}.part")
+    try:
+        temp.write_bytes(data)
+        os.replace(temp, path)
+    except OSError:
+        temp.unlink(missing_ok=True)
+        raise
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:

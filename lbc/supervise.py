@@ -42,7 +42,7 @@ from lbc import keepalived
 from lbc import shm as shmmod
 from lbc.config.addresses import format_hostport
 from lbc.errors import LbcError
-from lbc.state import StateDir
+from lbc.state import StateDir, replace_file
 from lbc.table import RoutingTable, worker_count
 
 WORKER_PREFIX = "worker-"
@@ -204,7 +204,7 @@ class Node:
         (self.run / "openssl.cnf").write_text(files("lbc.templates").joinpath("openssl.cnf.j2").read_text())
         watch = self.watch_target.read_text().strip() if self.watch_target.exists() else None
         keepalived = self._write_keepalived(table)
-        _replace(self.conf, self.render(worker_count(table), stop_wait_seconds(table), foreground, watch, keepalived))
+        replace_file(self.conf, self.render(worker_count(table), stop_wait_seconds(table), foreground, watch, keepalived).encode())
 
     def _write_keepalived(self, table: RoutingTable) -> str | None:
         """keepalived.conf for this node when lbc runs keepalived; the
@@ -219,7 +219,7 @@ class Node:
                            "global.ha.keepalived: false and run it yourself with `lbc export keepalived`")
         name = self.ha_node_file.read_text().strip() if self.ha_node_file.exists() else None
         node = keepalived.this_node(ha, name)
-        _replace(self.keepalived_conf, keepalived.render(ha, node, self.state.root))
+        replace_file(self.keepalived_conf, keepalived.render(ha, node, self.state.root).encode())
         return binary
 
     def start(self, table: RoutingTable, foreground: bool, watch: Path | None = None,
@@ -423,12 +423,6 @@ def terminate(pids: list[int], sig: int = signal.SIGTERM) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-
-
-def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def stop_processes(pids: list[int], timeout: float) -> None:
