@@ -173,6 +173,9 @@ def apply(
     node through its admin API: if one fails, the others are put back too."""
     with _reported():
         if node or all_nodes:
+            if no_wait or service.read_saved_plan(file) is not None:
+                raise LbcError("--node applies a config file, and waits for every node's workers: "
+                               "leave out --no-wait and saved plans")
             compiled = service.compile_file(file)
             _warn(compiled.config.warnings)
             outcome = fleet.apply(compiled, *_fleet(compiled, node, all_nodes, token_file), argv=_argv(),

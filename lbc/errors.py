@@ -58,3 +58,8 @@ class NotFound(Rejected):
 
 class Conflict(Rejected):
     status = 409
+
+
+class FileMismatch(Conflict):
+    """A file a table names by digest is not, on this machine, the file it
+    was compiled with."""

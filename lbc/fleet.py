@@ -240,8 +240,18 @@ def apply(compiled: Compiled, nodes: tuple[Target, ...], api: Callable[[Target],
         try:
             answer = api(t).push(mine, live[0], argv)
         except NodeError as e:
-            return NodeOutcome(t, "failed", node_plan, detail=str(e))
-        return NodeOutcome(t, "installed", node_plan, version=answer["version"])
+            if e.status is not None and e.status < 500 or e.status == 503:
+                return NodeOutcome(t, "failed", node_plan, detail=str(e))  # refused, or put back by the node
+            # No answer (a timeout, a reset) or an unexpected one: whether it took the table is unknown. Ask.
+            try:
+                now = api(t).live()[0]
+            except NodeError as again:
+                return NodeOutcome(t, "failed", node_plan, detail=f"{e}; and then {again}: it may serve "
+                                   f"{_short(mine.version)}", version=mine.version)
+            if now == mine.version:
+                return NodeOutcome(t, "installed", node_plan, detail=f"{e}, but it serves it", version=now)
+            return NodeOutcome(t, "failed", node_plan, detail=str(e), version=now)
+        return NodeOutcome(t, "installed", node_plan, detail=_warning(answer), version=answer["version"])
 
     pushed = list(_each(push, nodes))
     if all(n.ok for n in pushed):
@@ -257,13 +267,21 @@ def apply(compiled: Compiled, nodes: tuple[Target, ...], api: Callable[[Target],
             return n
         before = lives[n.target][0]
         try:
-            api(n.target).rollback(before, n.version, argv)
+            answer = api(n.target).rollback(before, n.version, argv)
         except NodeError as e:
             return NodeOutcome(n.target, "rollback failed", n.plan, detail=f"it may still serve "
                                f"{_short(n.version)}: {e}", version=n.version)
+        if _warning(answer):  # the node is back, but the group's store was not: the followers take it forward again
+            return NodeOutcome(n.target, "rollback failed", n.plan, detail=_warning(answer), version=before)
         return NodeOutcome(n.target, "rolled back", n.plan, version=before)
 
     return FleetApply(compiled.version, tuple(_each(undo, pushed)), partial)
+
+
+def _warning(answer: dict[str, Any]) -> str:
+    """A node's word that global.ha.store did not take what it installed."""
+    shared = answer.get("shared") or ""
+    return shared if shared.startswith("warning:") else ""
 
 
 def _each(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
@@ -292,18 +310,27 @@ class HttpNodeApi:
         answer = self._call("GET", "/table")
         try:
             table = tablemod.from_plain(RoutingTable, answer["table"])
+            if not isinstance(answer["version"], str):
+                raise TypeError("no version")
         except (tablemod.TableError, KeyError, TypeError) as e:
             raise NodeError(f"its live table cannot be read here: {e} (another lbc version?)") from None
         return answer["version"], table
 
     def push(self, compiled: Compiled, expect: str, argv: str) -> dict[str, Any]:
-        return self._call("PUT", "/table", {
+        return self._installed(self._call("PUT", "/table", {
             "version": compiled.version, "table": tablemod.to_plain(compiled.table), "expect": expect,
             "files": compiled.files, "source": compiled.source, "source_sha256": compiled.source_sha256,
-            "argv": argv})
+            "argv": argv}))
 
     def rollback(self, version: str, expect: str, argv: str) -> dict[str, Any]:
-        return self._call("POST", "/table/rollback", {"version": version, "expect": expect, "argv": argv})
+        return self._installed(self._call("POST", "/table/rollback", {"version": version, "expect": expect,
+                                                                      "argv": argv}))
+
+    @staticmethod
+    def _installed(answer: Any) -> dict[str, Any]:
+        if not isinstance(answer, dict) or not isinstance(answer.get("version"), str):
+            raise NodeError(f"an answer that is not the API's: {str(answer)[:200]}", 500)
+        return answer
 
     def _call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         headers = {"Accept": "application/json"}

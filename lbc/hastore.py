@@ -1,42 +1,53 @@
 """The table the nodes of a global.ha group share through Redis
 (global.ha.store), and the follower that keeps a node on it.
 
-Three keys per group (its router_id), always written together in one
-MULTI: `lbc:ha:<id>:version` (what followers poll), `...:table` (the
-canonical JSON) and `...:files` (digest -> the path each certificate, key or
-secret was read from, so a follower reads its own copy there).
+Four keys per group (its router_id), always written together in one MULTI:
+`lbc:ha:<id>:version` (what followers poll), `...:table` (the canonical
+JSON, which hashes to the version), `...:files` (digest -> the path each
+certificate, key or secret was read from, so a follower reads its own copy
+there) and `...:mac` (HMAC-SHA256 of version and files, keyed by the
+group's admin token file: a node installs only what a holder of that token
+wrote, whoever else can write to Redis).
 
 The rules:
 
-1. An admin API change is made on the stored table (when there is one) and
-   written with a compare-and-set on the version it was made from (WATCH,
-   then MULTI): of two changes made at once on two nodes, one is made again
-   on the other's result, and neither is lost. The store is written before
-   the node installs it; if the node then cannot serve it, the store is put
-   back, again by compare-and-set.
-2. Every other table a node installs (apply, a push, a rollback) is written
-   as is, once its workers serve it: the last one written wins, as when a
-   file is applied on each node by hand.
+1. Every write is a compare-and-set on the version the writer read when it
+   took its node's lock (WATCH, then MULTI). An admin API change is made on
+   the stored table and written before the node installs it; a lost race
+   is made again on the winner's result, so of two changes made at once on
+   two nodes neither is lost. If the node then cannot install it, the store
+   is put back, again by compare-and-set.
+2. Any other install (a file, a push, a rollback) keeps the dynamic pools'
+   backends of the stored table, and is written once installed. If another
+   node wrote meanwhile, this write loses: the result says so, and this node
+   follows the winner (rule 3): the last change to reach the store wins.
 3. Each node's admin API process follows: when the stored version is not
-   the live one, it installs the stored table (never writing back), unless
-   that version already failed here; a node that was down catches up when
-   it comes back.
+   the live one, it installs the stored table exactly (never writing back),
+   after checking, under the lock, that the store still holds it. A version
+   that cannot be installed here (a file that differs, a bad signature) is
+   logged once and not tried again; a node that was down catches up when it
+   comes back.
 
 Redis being unreachable never stops a node from serving or from applying
-locally: writes report it, the follower retries.
+locally: writes report it, the follower retries. Admin API changes need it
+(they would not reach the other nodes) and answer 503.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import threading
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
 from redis.exceptions import RedisError, WatchError
 
-from lbc.errors import LbcError, StalePlan
+from lbc.errors import LbcError, LockTimeout, StalePlan
 from lbc.table import RoutingTable
 
 log = logging.getLogger("lbc.hastore")
@@ -48,23 +59,32 @@ class StoreUnavailable(LbcError):
     """Redis could not be reached or answered with an error."""
 
 
+class NotSigned(LbcError):
+    """The stored table is not signed with this node's admin token."""
+
+
 @dataclass(frozen=True, slots=True)
 class Stored:
     version: str
     data: bytes
-    files: dict[str, str]
+    files: dict[str, str]  # digest -> path, for the digests the table names
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}***@{parts.netloc.rpartition('@')[2]}"))
 
 
 class SharedTable:
-    def __init__(self, url: str, group: int) -> None:
-        self.url, self.group = url, group
+    def __init__(self, url: str, group: int, key: bytes) -> None:
+        self.url, self.group, self.key = url, group, key
+        self.name = redacted(url)
         self.prefix = f"lbc:ha:{group}:"
         self.client = redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
-
-    @classmethod
-    def of(cls, table: RoutingTable | None) -> SharedTable | None:
-        ha = table.settings.ha if table is not None else None
-        return cls(ha.store, ha.router_id) if ha is not None and ha.store else None
 
     def version(self) -> str | None:
         try:
@@ -75,25 +95,40 @@ class SharedTable:
 
     def read(self) -> Stored | None:
         try:
-            version, data, files = self.client.mget(self.prefix + k for k in ("version", "table", "files"))
+            version, data, files, mac = self.client.mget(self.prefix + k for k in ("version", "table", "files", "mac"))
         except RedisError as e:
             raise self._unavailable(e) from None
         if not version or data is None:
             return None
-        return Stored(version.decode(), data, json.loads(files) if files else {})
+        version = version.decode(errors="replace")
+        if mac is None or files is None or not hmac.compare_digest(mac, self._mac(version, files)):
+            raise NotSigned(f"the table {version[:12]} in the ha store {self.name} is not signed with this node's "
+                            "admin token (global.admin.token_file must be the same file on every node)")
+        try:
+            paths = json.loads(files)
+        except ValueError:
+            raise NotSigned(f"the ha store {self.name} holds unreadable file paths") from None
+        return Stored(version, data, paths)
 
     def swap(self, expect: str | None, new: Stored) -> bool:
         """Write `new` if the stored version is still `expect` (None: nothing
-        stored); False when another writer came first."""
+        stored), or already is `new`'s; False when another writer came first."""
         key = self.prefix + "version"
+        files = json.dumps(new.files, sort_keys=True).encode()
         try:
             with self.client.pipeline() as pipe:
                 pipe.watch(key)
-                current = pipe.get(key)
-                if (current.decode() if current else None) != expect:
+                raw = pipe.get(key)
+                current = raw.decode(errors="replace") if raw else None
+                if current == new.version:
+                    return True
+                if current != expect:
                     return False
                 pipe.multi()
-                self._set(pipe, new)
+                pipe.set(self.prefix + "table", new.data)
+                pipe.set(self.prefix + "files", files)
+                pipe.set(self.prefix + "mac", self._mac(new.version, files))
+                pipe.set(key, new.version)
                 pipe.execute()
                 return True
         except WatchError:
@@ -101,70 +136,78 @@ class SharedTable:
         except RedisError as e:
             raise self._unavailable(e) from None
 
-    def publish(self, new: Stored) -> None:
-        """Write `new` whatever is stored (rule 2)."""
-        try:
-            with self.client.pipeline(transaction=True) as pipe:
-                self._set(pipe, new)
-                pipe.execute()
-        except RedisError as e:
-            raise self._unavailable(e) from None
-
-    def _set(self, pipe: redis.client.Pipeline, new: Stored) -> None:
-        pipe.set(self.prefix + "table", new.data)
-        pipe.set(self.prefix + "files", json.dumps(new.files, sort_keys=True))
-        pipe.set(self.prefix + "version", new.version)
+    def _mac(self, version: str, files: bytes) -> bytes:
+        return hmac.new(self.key, version.encode() + b"\n" + files, hashlib.sha256).hexdigest().encode()
 
     def _unavailable(self, e: RedisError) -> StoreUnavailable:
-        return StoreUnavailable(f"the ha store {self.url} did not answer: {e}")
+        return StoreUnavailable(f"the ha store {self.name} did not answer: {e}")
 
     def close(self) -> None:
         self.client.close()
 
 
 class Follower:
-    """Rule 3, in the admin API process: `step` looks once, `run` loops."""
+    """Rule 3, in the admin API process: `step` looks once, `run` loops.
+    `config_of(table)` gives (url, group, key) of the table's store, or None;
+    `install(store, stored, expect)` installs, raising LbcError."""
 
-    def __init__(self, install) -> None:  # install(stored, expect) -> None, raising LbcError
-        self.install = install
-        self.failed: str | None = None  # a stored version that could not be installed here
+    def __init__(self, config_of: Callable[[RoutingTable], tuple[str, int, bytes] | None],
+                 install: Callable[[SharedTable, Stored, str | None], object]) -> None:
+        self.config_of, self.install = config_of, install
+        self.failed: str | None = None  # a stored version that cannot be installed here
         self.store: SharedTable | None = None
+        self.table: RoutingTable | None = None  # the live table self.store was opened for
 
     def step(self, live_version: str | None, live: RoutingTable | None) -> str | None:
         """Install the stored table if it is not the live one; what was done."""
-        ha = live.settings.ha if live is not None else None
-        if ha is None or not ha.store:
+        store = self._store(live)
+        if store is None:
             return None
-        if self.store is None or (self.store.url, self.store.group) != (ha.store, ha.router_id):
-            if self.store is not None:
-                self.store.close()
-            self.store = SharedTable(ha.store, ha.router_id)
-        version = self.store.version()
+        version = store.version()
         if version is None or version == live_version or version == self.failed:
             return None
-        stored = self.store.read()
-        if stored is None or stored.version == live_version:
-            return None
         try:
-            self.install(stored, live_version)
+            stored = store.read()
+            if stored is None or stored.version == live_version:
+                return None
+            self.install(store, stored, live_version)
         except StalePlan:
-            return None  # the live table changed meanwhile: look again next time
+            return None  # the live table or the store moved meanwhile: look again next time
+        except (LockTimeout, StoreUnavailable):
+            raise  # passing
         except LbcError as e:
-            self.failed = stored.version
-            log.error("cannot install table %s from the ha store: %s", stored.version[:12], e)
-            return f"failed {stored.version[:12]}: {e}"
-        log.info("installed table %s from the ha store", stored.version[:12])
-        return f"installed {stored.version[:12]}"
+            self.failed = version
+            log.error("cannot install table %s from the ha store: %s", version[:12], e)
+            return f"failed {version[:12]}: {e}"
+        log.info("installed table %s from the ha store", version[:12])
+        return f"installed {version[:12]}"
 
-    def run(self, current, stop: threading.Event) -> None:  # current() -> (version, table)
+    def _store(self, live: RoutingTable | None) -> SharedTable | None:
+        if live is self.table:
+            return self.store
+        config = self.config_of(live) if live is not None else None
+        current = (self.store.url, self.store.group, self.store.key) if self.store is not None else None
+        self.table = live
+        if config != current:
+            if self.store is not None:
+                self.store.close()
+            self.store = SharedTable(*config) if config is not None else None
+            self.failed = None
+        return self.store
+
+    def run(self, current: Callable[[], tuple[str | None, RoutingTable | None]], stop: threading.Event) -> None:
         trouble = ""
-        while not stop.wait(POLL_S):
-            try:
-                self.step(*current())
-                trouble = ""
-            except LbcError as e:
-                if str(e) != trouble:  # once per outage, not twice a second
-                    log.warning("%s", e)
-                    trouble = str(e)
-            except Exception:  # noqa: BLE001 - the thread's edge: log it, keep following
-                log.exception("the ha store follower failed; going on")
+        try:
+            while not stop.wait(POLL_S):
+                try:
+                    self.step(*current())
+                    trouble = ""
+                except LbcError as e:
+                    if str(e) != trouble:  # once per outage, not twice a second
+                        log.warning("ha store: %s", e)
+                        trouble = str(e)
+                except Exception:  # noqa: BLE001 - the thread's edge: log it, keep following
+                    log.exception("the ha store follower failed; going on")
+        finally:
+            if self.store is not None:
+                self.store.close()

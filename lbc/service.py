@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import getpass
 import hashlib
 import json
+import os
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -28,8 +31,8 @@ from lbc import keepalived, mutate, nodecheck, shm
 from lbc import table as tablemod
 from lbc.compiler import compile_config
 from lbc.config import Config, load
-from lbc.errors import Conflict, LbcError, Rejected, StalePlan, StateError
-from lbc.hastore import SharedTable, Stored, StoreUnavailable
+from lbc.errors import Conflict, FileMismatch, LbcError, Rejected, StalePlan, StateError
+from lbc.hastore import NotSigned, SharedTable, Stored, StoreUnavailable
 from lbc.plan import Plan, diff
 from lbc.state import HistoryRecord, StateDir, now_iso, slot_key
 from lbc.supervise import (
@@ -199,11 +202,13 @@ def table_from_plain(plain: Any, version: str, where: str) -> tuple[RoutingTable
 
 
 def read_files(table: RoutingTable, files: dict[str, str], where: Any,
-               have: Callable[[str], bool] = lambda digest: False) -> dict[str, bytes]:
+               have: Callable[[str], bool] = lambda digest: False, *, remote: bool = False) -> dict[str, bytes]:
     """The bytes of every file `table` names by digest (but those `have`
     holds), read from where `files` says they were read when it was compiled,
-    and refused if they changed since. Secrets never travel in a plan or a
-    push: each machine reads its own copy."""
+    and refused if they changed since. Secrets never travel in a plan, a push
+    or the ha store: each machine reads its own copy. `remote`: the paths
+    come from another machine, so only regular files of a sane size are
+    read, and a refusal does not tell a missing file from a different one."""
     out = {}
     for digest in sorted(table.digests()):
         if have(digest):
@@ -212,14 +217,36 @@ def read_files(table: RoutingTable, files: dict[str, str], where: Any,
         if file is None:
             raise LbcError(f"{where}: names file {digest[:12]} but not where it was read from")
         try:
-            data = Path(file).read_bytes()
+            data = _read_regular(file) if remote else Path(file).read_bytes()
         except OSError as e:
+            if remote:
+                raise FileMismatch(f"{where}: {file} on this node is not the file it was compiled with "
+                                   f"(sha256 {digest[:12]}): give every node the same file at that path") from None
             raise LbcError(f"{where}: cannot read {file}, which the table uses: {e.strerror}") from None
         if hashlib.sha256(data).hexdigest() != digest:
-            raise StalePlan(f"{where}: {file} changed since the table was compiled (its sha256 is no longer "
-                            f"{digest[:12]}); run lbc plan again, or give this machine the same file")
+            if remote:
+                raise FileMismatch(f"{where}: {file} on this node is not the file it was compiled with "
+                                   f"(sha256 {digest[:12]}): give every node the same file at that path")
+            raise FileMismatch(f"{where}: {file} changed since the table was compiled (its sha256 is no longer "
+                               f"{digest[:12]}); run lbc plan again, or give this machine the same file")
         out[digest] = data
     return out
+
+
+MAX_FILE = 16 * 1024 * 1024  # certificates, keys, CA bundles, secrets: far smaller
+
+
+def _read_regular(path: str) -> bytes:
+    """A regular file's bytes, without blocking on a FIFO or reading a device."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE:
+            raise OSError(errno.EINVAL, "not a regular file of at most 16 MiB")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(MAX_FILE + 1)
+    finally:
+        os.close(fd)
 
 
 def apply(
@@ -232,120 +259,119 @@ def apply(
     saved_plan_base: tuple[str | None] | None = None,
     wait: bool = True,
     ack_timeout: float = 10.0,
-    from_store: bool = False,
+    from_admin: bool = False,
+    from_store: SharedTable | None = None,
 ) -> ApplyResult:
     """Install `compiled` as the live table and, when workers run, hand it to
-    them. From a saved plan (`saved_plan_base` holds the version it was made
-    against), refuse unless that version is still the live one. With
-    global.ha.store, the table is then written there for the other nodes
-    (`from_store`: it came from there, and is installed exactly as stored)."""
+    them. From a saved plan or a push (`saved_plan_base` holds the version it
+    was made against), refuse unless that version is still the live one.
+    With global.ha.store, the dynamic pools keep the stored table's backends
+    and the table is written there (lbc.hastore rule 2); `from_store`: it
+    came from that store, is installed exactly, and only if still stored.
+    `from_admin`: the admin API process installs it, so it cannot change
+    global.admin."""
     with state.lock(argv, lock_timeout):
         base_version, base = state.current_table()
-        if saved_plan_base is not None and saved_plan_base[0] != base_version:
-            planned = saved_plan_base[0][:12] if saved_plan_base[0] else "an empty state"
-            raise StalePlan(f"the plan was made against {planned}, but the live table is now "
-                            f"{_short(base_version)}; run lbc plan again")
-        if not from_store:
-            compiled = with_dynamic(compiled, base)
-        plan = diff(base, compiled.table, base_version, compiled.version)
-        if plan.empty:
-            return ApplyResult(plan, installed=False, state=str(state.root))
-        record = _record(compiled.version, base_version, "apply", origin, compiled.source, compiled.source_sha256, argv)
-        delivery = _install_and_deliver(state, compiled.table, compiled.data, compiled.secrets, record, base,
-                                        wait=wait, ack_timeout=ack_timeout)
-        shared = "" if from_store else _share(compiled.table, Stored(compiled.version, compiled.data, compiled.files))
-        return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=shared)
+        store = None if from_store is not None else open_store(compiled.table, state, compiled.secrets)
+        try:
+            stored, note = _read_store(store)
+            if from_store is None:
+                ahead = stored is not None and stored.version != base_version
+                compiled = with_dynamic(compiled, _stored_table(stored) if ahead else base)
+            elif from_store.version() != compiled.version:
+                raise StalePlan(f"the ha store no longer holds {compiled.version[:12]}")
+            # A push finding its table live already (another node's store write got here first) is done;
+            # a saved plan made against another table is stale, as terraform's.
+            if saved_plan_base is not None and saved_plan_base[0] != base_version and not (
+                    from_admin and base_version == compiled.version):
+                planned = saved_plan_base[0][:12] if saved_plan_base[0] else "an empty state"
+                raise StalePlan(f"the plan was made against {planned}, but the live table is now "
+                                f"{_short(base_version)}; run lbc plan again")
+            plan = diff(base, compiled.table, base_version, compiled.version)
+            if plan.empty:
+                return ApplyResult(plan, installed=False, state=str(state.root))
+            record = _record(compiled.version, base_version, "apply", origin, compiled.source, compiled.source_sha256,
+                             argv)
+            delivery = _install_and_deliver(state, compiled.table, compiled.data, compiled.secrets, record, base,
+                                            wait=wait, ack_timeout=ack_timeout, admin_may_change=not from_admin,
+                                            paths=compiled.files)
+            if store is not None and not note:
+                note = _write_store(store, stored, Stored(compiled.version, compiled.data,
+                                                          state.file_paths(compiled.table)))
+            return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=note)
+        finally:
+            if store is not None:
+                store.close()
 
 
-def install_stored(state: StateDir, stored: Stored, expect: str | None, *, lock_timeout: float) -> ApplyResult:
+def install_pushed(state: StateDir, plain: Any, version: str, *, files: dict[str, str], expect: str | None,
+                   source: str | None, source_sha256: str | None, argv: str, lock_timeout: float,
+                   ack_timeout: float = 10.0) -> ApplyResult:
+    """A table compiled elsewhere (`lbc apply FILE --node URL`), installed as
+    an apply is if the live table is still `expect` (or already is it). The
+    files it names that this node lacks are read here, from the paths they
+    were compiled from."""
+    table, data = table_from_plain(plain, version, "the pushed table")
+    secrets = read_files(table, files, "the pushed table", state.has_secret, remote=True)
+    compiled = Compiled(table, data, version, secrets, files, source, source_sha256)
+    return apply(compiled, state, argv=argv, lock_timeout=lock_timeout, origin="push", saved_plan_base=(expect,),
+                 ack_timeout=ack_timeout, from_admin=True)
+
+
+def install_stored(state: StateDir, store: SharedTable, stored: Stored, expect: str | None, *,
+                   lock_timeout: float) -> ApplyResult:
     """A table another node of the group wrote to global.ha.store (the
-    follower, lbc.hastore), installed if the live table is still `expect`."""
-    try:
-        table = tablemod.load(stored.data, expected_version=stored.version)
-    except tablemod.TableError as e:
-        raise LbcError(f"the stored table {stored.version[:12]} cannot be read: {e}") from None
-    _keeps_admin(state, table, "the admin API following the ha store")
-    secrets = read_files(table, stored.files, f"the stored table {stored.version[:12]}", state.has_secret)
+    follower, lbc.hastore rule 3), installed if the live table is still
+    `expect` and the store still holds it."""
+    table = _stored_table(stored)
+    secrets = read_files(table, stored.files, f"the stored table {stored.version[:12]}", state.has_secret,
+                         remote=True)
     compiled = Compiled(table, stored.data, stored.version, secrets, stored.files, None, None)
     return apply(compiled, state, argv="ha store", lock_timeout=lock_timeout, origin="store",
-                 saved_plan_base=(expect,), from_store=True)
-
-
-def _share(table: RoutingTable, stored: Stored) -> str:
-    """Write an installed table to the group's store (hastore rule 2); a note
-    for the result."""
-    store = SharedTable.of(table)
-    if store is None:
-        return ""
-    try:
-        if store.version() != stored.version:
-            store.publish(stored)
-    except StoreUnavailable as e:
-        return f"warning: {e}; the other nodes do not get this table from it"
-    finally:
-        store.close()
-    return f"Written to the ha store {store.url}: the other nodes follow."
+                 saved_plan_base=(expect,), from_admin=True, from_store=store)
 
 
 def change(state: StateDir, edit: Callable[[RoutingTable], RoutingTable], *, command: str, argv: str,
            lock_timeout: float, origin: str = "api", wait: bool = True, ack_timeout: float = 10.0) -> ApplyResult:
-    """An imperative change: `edit` makes the new table from the live one
-    (lbc.mutate; it raises Rejected to refuse), then it is installed and
-    delivered as an apply is, and recorded with its origin. With
-    global.ha.store, it is made on the stored table and written there first,
-    by compare-and-set (lbc.hastore rule 1)."""
+    """An imperative change (the admin API): `edit` makes the new table from
+    the live one (lbc.mutate; it raises Rejected to refuse), then it is
+    installed and delivered as an apply is, and recorded with its origin.
+    With global.ha.store, it is made on the stored table and written there
+    first, by compare-and-set (lbc.hastore rule 1)."""
     with state.lock(argv, lock_timeout):
         live_version, live = state.current_table()
         if live is None:
             raise LbcError(f"nothing is installed in {state.root}: apply a file first")
-        store = SharedTable.of(live)
+        store = open_store(live, state)
         try:
-            base_version, table, stored = _edit_shared(store, live_version, live, edit)
+            base, table = _edit_stored(store, state, live_version, live, edit)
+            data = tablemod.dump(table)
+            version = tablemod.version_of(data)
+            plan = diff(live, table, live_version, version)
+            if plan.empty:
+                return ApplyResult(plan, installed=False, state=str(state.root))
+            record = _record(version, live_version, command, origin, None, None, argv)
+            try:
+                delivery = _install_and_deliver(state, table, data, {}, record, live, wait=wait,
+                                                ack_timeout=ack_timeout, admin_may_change=False)
+            except Exception:
+                if store is not None and base.version != version:  # put the store back, unless it moved on
+                    with contextlib.suppress(LbcError):
+                        store.swap(version, base)
+                raise
+            shared = f"Written to the ha store {store.name}: the other nodes follow." if store is not None else ""
+            return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=shared)
         finally:
             if store is not None:
                 store.close()
-        data = tablemod.dump(table)
-        version = tablemod.version_of(data)
-        plan = diff(live, table, live_version, version)
-        if plan.empty:
-            return ApplyResult(plan, installed=False, state=str(state.root))
-        record = _record(version, live_version, command, origin, None, None, argv)
-        try:
-            delivery = _install_and_deliver(state, table, data, {}, record, live, wait=wait, ack_timeout=ack_timeout)
-        except ApplyFailed:
-            if store is not None and base_version != version:  # put the store back, unless it moved on
-                with contextlib.suppress(StoreUnavailable):
-                    store.swap(version, stored)
-            raise
-        shared = f"Written to the ha store {store.url}: the other nodes follow." if store is not None else ""
-        return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=shared)
-
-
-CAS_TRIES = 5
-
-
-def _edit_shared(store: SharedTable | None, live_version: str, live: RoutingTable,
-                 edit: Callable[[RoutingTable], RoutingTable]) -> tuple[str, RoutingTable, Stored | None]:
-    """(version edited, the new table, what the store held) for change()."""
-    if store is None:
-        return live_version, edit(live), None
-    for _ in range(CAS_TRIES):
-        stored = store.read()
-        base_version, base = live_version, live
-        if stored is not None and stored.version != live_version:  # the group is ahead of this node
-            base_version, base = stored.version, tablemod.load(stored.data, expected_version=stored.version)
-        table = edit(base)
-        data = tablemod.dump(table)
-        new = Stored(tablemod.version_of(data), data, stored.files if stored else {})
-        if new.version == base_version or store.swap(stored.version if stored else None, new):
-            return base_version, table, stored or Stored(live_version, tablemod.dump(live), {})
-    raise Conflict(f"the ha store {store.url} changed {CAS_TRIES} times while this change was made; try again")
 
 
 def rollback(state: StateDir, target: str | None, *, argv: str, lock_timeout: float, origin: str = "cli",
-             wait: bool = True, ack_timeout: float = 10.0, expect: str | None = None) -> ApplyResult:
+             wait: bool = True, ack_timeout: float = 10.0, expect: str | None = None,
+             from_admin: bool = False) -> ApplyResult:
     """Make an earlier table live again (default: the one before the live
-    one); with `expect`, only if that version is still the live one."""
+    one); with `expect`, only if that version is still the live one. With
+    global.ha.store, written there as an apply is."""
     with state.lock(argv, lock_timeout):
         base_version, base = state.current_table()
         if expect is not None and base_version != expect:
@@ -361,34 +387,91 @@ def rollback(state: StateDir, target: str | None, *, argv: str, lock_timeout: fl
         plan = diff(base, table, base_version, version)
         if plan.empty:
             return ApplyResult(plan, installed=False, state=str(state.root))
-        record = _record(version, base_version, "rollback", origin, None, None, argv)
+        store = open_store(table, state)
+        try:
+            stored, note = _read_store(store)
+            record = _record(version, base_version, "rollback", origin, None, None, argv)
+            data = tablemod.dump(table)
+            delivery = _install_and_deliver(state, table, data, {}, record, base, wait=wait, ack_timeout=ack_timeout,
+                                            admin_may_change=not from_admin)
+            if store is not None and not note:
+                note = _write_store(store, stored, Stored(version, data, state.file_paths(table)))
+            return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=note)
+        finally:
+            if store is not None:
+                store.close()
+
+
+# -- global.ha.store (the rules are lbc.hastore's) -----------------------------------------
+
+
+def store_config(table: RoutingTable | None, state: StateDir,
+                 secrets: dict[str, bytes] | None = None) -> tuple[str, int, bytes] | None:
+    """(url, group, signing key) of the table's ha store; None without one.
+    The key is the admin token file every node of the group reads."""
+    ha = table.settings.ha if table is not None else None
+    if ha is None or not ha.store:
+        return None
+    admin = table.settings.admin
+    if admin is None or admin.token_sha256 is None:  # the config check requires it
+        raise LbcError("global.ha.store needs global.admin.token_file (the nodes sign what they store with it)")
+    key = (secrets or {}).get(admin.token_sha256)
+    return ha.store, ha.router_id, key if key is not None else state.secret(admin.token_sha256)
+
+
+def open_store(table: RoutingTable | None, state: StateDir,
+               secrets: dict[str, bytes] | None = None) -> SharedTable | None:
+    config = store_config(table, state, secrets)
+    return SharedTable(*config) if config is not None else None
+
+
+def _read_store(store: SharedTable | None) -> tuple[Stored | None, str]:
+    """(what the store holds, a warning when it cannot be written after)."""
+    if store is None:
+        return None, ""
+    try:
+        return store.read(), ""
+    except (StoreUnavailable, NotSigned) as e:
+        return None, f"warning: {e}; the other nodes do not get this table from it"
+
+
+def _write_store(store: SharedTable, expect: Stored | None, new: Stored) -> str:
+    try:
+        if store.swap(expect.version if expect is not None else None, new):
+            return f"Written to the ha store {store.name}: the other nodes follow."
+        other = store.version()
+    except StoreUnavailable as e:
+        return f"warning: {e}; the other nodes do not get this table from it"
+    return (f"warning: another node wrote {_short(other)} to the ha store {store.name} meanwhile; the nodes follow "
+            "the store, this one too: apply again for this table to win")
+
+
+def _stored_table(stored: Stored) -> RoutingTable:
+    try:
+        return tablemod.load(stored.data, expected_version=stored.version)
+    except tablemod.TableError as e:
+        raise LbcError(f"the ha store's table {stored.version[:12]} cannot be read here: {e}") from None
+
+
+CAS_TRIES = 5
+
+
+def _edit_stored(store: SharedTable | None, state: StateDir, live_version: str, live: RoutingTable,
+                 edit: Callable[[RoutingTable], RoutingTable]) -> tuple[Stored, RoutingTable]:
+    """change()'s edit: on the stored table when the group is ahead of this
+    node, written there by compare-and-set, made again when another writer
+    came first. (what the edit started from, the new table)."""
+    if store is None:
+        return Stored(live_version, b"", {}), edit(live)
+    for _ in range(CAS_TRIES):
+        stored = store.read()
+        base = Stored(live_version, tablemod.dump(live), state.file_paths(live)) if stored is None else stored
+        table = edit(live if base.version == live_version else _stored_table(base))
         data = tablemod.dump(table)
-        delivery = _install_and_deliver(state, table, data, {}, record, base, wait=wait, ack_timeout=ack_timeout)
-        shared = _share(table, Stored(version, data, {}))
-        return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=shared)
-
-
-def install_pushed(state: StateDir, plain: Any, version: str, *, files: dict[str, str], expect: str | None,
-                   source: str | None, source_sha256: str | None, argv: str, lock_timeout: float,
-                   ack_timeout: float = 10.0) -> ApplyResult:
-    """A table compiled elsewhere (`lbc apply FILE --node URL`), installed as
-    an apply is if the live table is still `expect`. The files it names that
-    this node lacks are read here, from the paths they were compiled from."""
-    table, data = table_from_plain(plain, version, "the pushed table")
-    _keeps_admin(state, table, "a push through the admin API")
-    secrets = read_files(table, files, "the pushed table", state.has_secret)
-    compiled = Compiled(table, data, version, secrets, files, source, source_sha256)
-    return apply(compiled, state, argv=argv, lock_timeout=lock_timeout, origin="push", saved_plan_base=(expect,),
-                 ack_timeout=ack_timeout)
-
-
-def _keeps_admin(state: StateDir, table: RoutingTable, who: str) -> None:
-    """Installs made by the admin API process cannot change its own settings:
-    it would be restarted in the middle of the install."""
-    _, live = state.current_table()
-    if live is not None and live.settings.admin != table.settings.admin:
-        raise Conflict(f"the table changes global.admin, which {who} cannot install: "
-                       "apply it on the node itself (lbc apply FILE)")
+        new = Stored(tablemod.version_of(data), data, base.files)
+        if new.version == base.version or store.swap(stored.version if stored is not None else None, new):
+            return base, table
+    raise Conflict(f"the ha store {store.name} changed {CAS_TRIES} times while this change was made; try again")
 
 
 def _short(version: str | None) -> str:
@@ -396,8 +479,8 @@ def _short(version: str | None) -> str:
 
 
 def _install_and_deliver(state: StateDir, table: RoutingTable, data: bytes, secrets: dict[str, bytes],
-                         record: HistoryRecord, base: RoutingTable | None, *, wait: bool,
-                         ack_timeout: float) -> Delivery:
+                         record: HistoryRecord, base: RoutingTable | None, *, wait: bool, ack_timeout: float,
+                         admin_may_change: bool = True, paths: dict[str, str] | None = None) -> Delivery:
     """Install under the caller's lock; if workers run, signal them and wait
     for each to serve the table. If any cannot, put the previous table back as
     current (and signal again), so no worker, now or after a restart, serves
@@ -405,6 +488,10 @@ def _install_and_deliver(state: StateDir, table: RoutingTable, data: bytes, secr
     node = Node(state)
     running = node.running()
     admin_changed = base is None or base.settings.admin != table.settings.admin
+    if admin_changed and base is not None and not admin_may_change:
+        # Made by the admin API process, which would be restarted in the middle of it.
+        raise Conflict("the table changes global.admin, which the admin API cannot install on itself: "
+                       "apply it on the node (lbc apply FILE)")
     if running:
         served = {x.socket_key for x in (base.listeners if base else ())}
         if base is not None and base.settings.admin is not None:  # ours: it restarts with the new settings
@@ -412,7 +499,7 @@ def _install_and_deliver(state: StateDir, table: RoutingTable, data: bytes, secr
         problems = probe_binds(table, skip=served)
         if problems:
             raise LbcError("cannot listen; nothing was changed:\n  " + "\n  ".join(problems))
-    state.install(table, data, secrets, record)
+    state.install(table, data, secrets, record, paths)
     if not running:
         return Delivery(running=False, waited=False)
     try:
@@ -749,11 +836,14 @@ def status(state: StateDir, process_figures: bool = True) -> NodeStatus:
             memory.close()
     return NodeStatus(str(state.root), running, node.supervisord_pid(), live, tuple(processes), tuple(backends),
                       checker_age, trusted, state.watch_status(), nodecheck.check(state), nodecheck.read_peers(state),
-                      _store_status(table, live))
+                      _store_status(state, table, live) if process_figures else "")
 
 
-def _store_status(table: RoutingTable | None, live: str | None) -> str:
-    store = SharedTable.of(table)
+def _store_status(state: StateDir, table: RoutingTable | None, live: str | None) -> str:
+    try:
+        store = open_store(table, state)
+    except LbcError as e:
+        return str(e)
     if store is None:
         return ""
     try:
@@ -763,8 +853,8 @@ def _store_status(table: RoutingTable | None, live: str | None) -> str:
     finally:
         store.close()
     if stored == live:
-        return f"{store.url}: holds {_short(stored)}, which this node serves"
-    return f"{store.url}: holds {_short(stored)}; this node serves {_short(live)} (its admin API follows the store)"
+        return f"{store.name}: holds {_short(stored)}, which this node serves"
+    return f"{store.name}: holds {_short(stored)}; this node serves {_short(live)} (its admin API follows the store)"
 
 
 def export_keepalived(file: str | PathLike[str], state: StateDir, node: str | None) -> str:

@@ -86,6 +86,7 @@ class StateDir:
         self.history_file = self.root / "history.jsonl"
         self.lock_file = self.root / "lock"
         self.slots_file = self.root / "slots.json"
+        self.paths_file = self.root / "file-paths.json"  # digest -> where the file was read from
         self.run = self.root / "run"  # runtime files of a running node (lbc up)
         self.node_secret_file = self.root / "node-secret"
         self.admin_token_file = self.root / "admin-token"
@@ -189,6 +190,24 @@ class StateDir:
     def has_secret(self, digest: str) -> bool:
         return (self.secrets / digest).is_file()
 
+    def secret(self, digest: str) -> bytes:
+        path = self.secrets / digest
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise StateError(f"cannot read {path}: {_reason(e)}") from None
+
+    def file_paths(self, table: RoutingTable) -> dict[str, str]:
+        """digest -> the path each file `table` names was read from when it
+        was compiled (what another node needs to read its own copy)."""
+        try:
+            known = json.loads(self.paths_file.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise StateError(f"cannot read {self.paths_file}: {e}") from None
+        return {d: known[d] for d in sorted(table.digests()) if d in known}
+
     def history(self) -> list[HistoryRecord]:
         """Records in order; torn or foreign lines are skipped."""
         try:
@@ -259,10 +278,12 @@ class StateDir:
         except (OSError, ValueError, KeyError) as e:
             raise StateError(f"cannot read {self.slots_file}: {e}") from None
 
-    def install(self, table: RoutingTable, data: bytes, secrets: Mapping[str, bytes], record: HistoryRecord) -> None:
+    def install(self, table: RoutingTable, data: bytes, secrets: Mapping[str, bytes], record: HistoryRecord,
+                paths: Mapping[str, str] | None = None) -> None:
         """Make `table` (whose canonical bytes are `data`) the live table. The
         caller holds the lock and has checked the table; `secrets` holds the
-        bytes of every digest it names that is not stored yet."""
+        bytes of every digest it names that is not stored yet, `paths` where
+        files were read from (kept for file_paths)."""
         version = tablemod.version_of(data)
         if version != record.version:
             raise StateError("history record does not match the table")
@@ -270,11 +291,24 @@ class StateDir:
         for digest, blob in sorted(secrets.items()):
             if not self.has_secret(digest):
                 self._atomic_write(self.secrets, digest, blob, "secret", mode=0o600)
+        if paths:
+            self._remember_paths(paths)
         if not (self.tables / f"{version}.json").is_file():
             self._atomic_write(self.tables, f"{version}.json", data, "table")
         self._allocate_slots(table)
         self._append_history(record)
         self._atomic_write(self.root, "current", f"{version}\n".encode(), "current")
+
+    def _remember_paths(self, paths: Mapping[str, str]) -> None:
+        try:
+            known = json.loads(self.paths_file.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if all(known.get(d) == p for d, p in paths.items()):
+            return
+        known.update(paths)
+        data = json.dumps(known, sort_keys=True, indent=0).encode()
+        self._atomic_write(self.root, self.paths_file.name, data, "paths")
 
     def _allocate_slots(self, table: RoutingTable) -> None:
         """Give every backend (and HTTP listener) of the table a slot, keeping

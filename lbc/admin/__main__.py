@@ -85,7 +85,9 @@ def follow_store(state: StateDir, stop: threading.Event) -> None:
             seen[:] = state.current_table()
         return seen[0], seen[1]
 
-    Follower(lambda stored, expect: service.install_stored(state, stored, expect, lock_timeout=30)).run(current, stop)
+    Follower(lambda table: service.store_config(table, state),
+             lambda store, stored, expect: service.install_stored(state, store, stored, expect, lock_timeout=30),
+             ).run(current, stop)
 
 
 def run(argv: list[str] | None = None) -> int:

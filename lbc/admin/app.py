@@ -129,7 +129,8 @@ class Api:
             raise ApiError(503, "the workers did not take the table; the previous table is live again", str(e)) from None
         plan, delivery = result.plan, result.delivery
         return JSONResponse({"installed": result.installed, "version": plan.version, "base_version": plan.base_version,
-                             "summary": plan.summary(), "workers": len(delivery.acks) if delivery else 0})
+                             "summary": plan.summary(), "workers": len(delivery.acks) if delivery else 0,
+                             "shared": result.shared})
 
     # -- handlers ------------------------------------------------------------------
 
@@ -231,7 +232,7 @@ class Api:
     async def rollback_table(self, request: Request) -> Response:
         body, _ = await self.checked(request)
         return await self.install(service.rollback, body["version"], expect=body["expect"], origin="push",
-                                  argv=body.get("argv") or "api: POST /table/rollback")
+                                  argv=body.get("argv") or "api: POST /table/rollback", from_admin=True)
 
     async def healthz(self, request: Request) -> Response:
         await self.checked(request)

@@ -373,6 +373,9 @@ class _Checker:
             if isinstance(admin, dict) and admin.get("enabled") is False:
                 self.error(base + ("store",), "needs the admin API (global.admin.enabled): it installs what the "
                            "other nodes write to the store")
+            elif not isinstance(admin, dict) or "token_file" not in admin:
+                self.error(base + ("store",), "needs global.admin.token_file, the same file on every node: the "
+                           "nodes sign what they write to the store with it")
 
     def check_store_port(self, path: Path, url: str) -> None:
         m = re.search(r":([0-9]+)(/|$)", url.rpartition("@")[2])
