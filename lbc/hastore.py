@@ -16,7 +16,8 @@ The rules:
    the stored table and written before the node installs it; a lost race
    is made again on the winner's result, so of two changes made at once on
    two nodes neither is lost. If the node then cannot install it, the store
-   is put back, again by compare-and-set.
+   is put back, again by compare-and-set (other nodes may have installed it
+   meanwhile: they follow the store back).
 2. Any other install (a file, a push, a rollback) keeps the dynamic pools'
    backends of the stored table, and is written once installed. If another
    node wrote meanwhile, this write loses: the result says so, and this node

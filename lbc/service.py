@@ -359,7 +359,7 @@ def change(state: StateDir, edit: Callable[[RoutingTable], RoutingTable], *, com
                     with contextlib.suppress(LbcError):
                         store.swap(version, base)
                 raise
-            shared = f"Written to the ha store {store.name}: the other nodes follow." if store is not None else ""
+            shared = _written(store) if store is not None else ""
             return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=shared)
         finally:
             if store is not None:
@@ -438,12 +438,16 @@ def _read_store(store: SharedTable | None) -> tuple[Stored | None, str]:
 def _write_store(store: SharedTable, expect: Stored | None, new: Stored) -> str:
     try:
         if store.swap(expect.version if expect is not None else None, new):
-            return f"Written to the ha store {store.name}: the other nodes follow."
+            return _written(store)
         other = store.version()
     except StoreUnavailable as e:
         return f"warning: {e}; the other nodes do not get this table from it"
     return (f"warning: another node wrote {_short(other)} to the ha store {store.name} meanwhile; the nodes follow "
             "the store, this one too: apply again for this table to win")
+
+
+def _written(store: SharedTable) -> str:
+    return f"Written to the ha store {store.name}: the other nodes follow."
 
 
 def _stored_table(stored: Stored) -> RoutingTable:
