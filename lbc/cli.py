@@ -107,10 +107,10 @@ TokenFile = Annotated[Path | None, typer.Option(
     help="The nodes' bearer token (first line); default: the config's global.admin.token_file.")]
 
 
-def _fleet(compiled: service.Compiled, nodes: list[str] | None, all_nodes: bool,
-           token_file: Path | None) -> tuple[tuple[fleet.Target, ...], Callable[[fleet.Target], fleet.HttpNodeApi]]:
+def _fleet(compiled: service.Compiled, nodes: list[str] | None, all_nodes: bool, token_file: Path | None,
+           **waits: float) -> tuple[tuple[fleet.Target, ...], Callable[[fleet.Target], fleet.HttpNodeApi]]:
     token = fleet.token(compiled, str(token_file) if token_file else None)
-    return fleet.targets(nodes or (), compiled.table, all_nodes), lambda t: fleet.HttpNodeApi(t, token)
+    return fleet.targets(nodes or (), compiled.table, all_nodes), lambda t: fleet.HttpNodeApi(t, token, **waits)
 
 
 @app.command()
@@ -178,8 +178,9 @@ def apply(
                                "leave out --no-wait and saved plans")
             compiled = service.compile_file(file)
             _warn(compiled.config.warnings)
-            outcome = fleet.apply(compiled, *_fleet(compiled, node, all_nodes, token_file), argv=_argv(),
-                                  partial=partial)
+            targets, api = _fleet(compiled, node, all_nodes, token_file, lock_timeout=lock_timeout,
+                                  wait_timeout=wait_timeout)
+            outcome = fleet.apply(compiled, targets, api, argv=_argv(), partial=partial)
             typer.echo(outcome.render_text(), nl=False)
             raise typer.Exit(outcome.exit_code())
         if partial:

@@ -42,7 +42,6 @@ from lbc.service import Compiled, with_dynamic
 from lbc.table import RoutingTable
 
 DEFAULT_PORT = 9900
-PUSH_TIMEOUT_S = 90.0  # a node may wait 30 s for its lock and 10 s for its workers, twice (a revert)
 
 
 class NodeError(LbcError):
@@ -301,8 +300,12 @@ def _short(version: str | None) -> str:
 class HttpNodeApi:
     """One node's admin API over HTTP, its errors as NodeError."""
 
-    def __init__(self, target: Target, token: bytes | None, timeout: float = PUSH_TIMEOUT_S) -> None:
-        self.target, self.token, self.timeout = target, token, timeout
+    def __init__(self, target: Target, token: bytes | None, lock_timeout: float = 30.0,
+                 wait_timeout: float = 10.0) -> None:
+        self.target, self.token = target, token
+        self.waits = {"lock_timeout": lock_timeout, "wait_timeout": wait_timeout}
+        # a node may wait for its lock, then for its workers twice (the table, and a revert)
+        self.timeout = lock_timeout + 2 * wait_timeout + 30
         parsed = urllib.parse.urlsplit(target.url)
         self.host, self.port = parsed.hostname, parsed.port
 
@@ -320,11 +323,11 @@ class HttpNodeApi:
         return self._installed(self._call("PUT", "/table", {
             "version": compiled.version, "table": tablemod.to_plain(compiled.table), "expect": expect,
             "files": compiled.files, "source": compiled.source, "source_sha256": compiled.source_sha256,
-            "argv": argv}))
+            "argv": argv, **self.waits}))
 
     def rollback(self, version: str, expect: str, argv: str) -> dict[str, Any]:
         return self._installed(self._call("POST", "/table/rollback", {"version": version, "expect": expect,
-                                                                      "argv": argv}))
+                                                                      "argv": argv, **self.waits}))
 
     @staticmethod
     def _installed(answer: Any) -> dict[str, Any]:

@@ -216,17 +216,17 @@ def read_files(table: RoutingTable, files: dict[str, str], where: Any,
         file = files.get(digest)
         if file is None:
             raise LbcError(f"{where}: names file {digest[:12]} but not where it was read from")
+        elsewhere = FileMismatch(f"{where}: {file} on this node is not the file it was compiled with "
+                                 f"(sha256 {digest[:12]}): give every node the same file at that path")
         try:
             data = _read_regular(file) if remote else Path(file).read_bytes()
         except OSError as e:
             if remote:
-                raise FileMismatch(f"{where}: {file} on this node is not the file it was compiled with "
-                                   f"(sha256 {digest[:12]}): give every node the same file at that path") from None
+                raise elsewhere from None
             raise LbcError(f"{where}: cannot read {file}, which the table uses: {e.strerror}") from None
         if hashlib.sha256(data).hexdigest() != digest:
             if remote:
-                raise FileMismatch(f"{where}: {file} on this node is not the file it was compiled with "
-                                   f"(sha256 {digest[:12]}): give every node the same file at that path")
+                raise elsewhere
             raise FileMismatch(f"{where}: {file} changed since the table was compiled (its sha256 is no longer "
                                f"{digest[:12]}); run lbc plan again, or give this machine the same file")
         out[digest] = data

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from support.netns import SUBNET
@@ -168,8 +169,10 @@ def test_admin_api_changes_reach_every_node_through_the_store(lan, tmp_path):
 
         # A change on a: b installs it from the store and serves it.
         code, answer = call("a", "POST", "/backends", {"address": "127.0.0.1", "port": 9102})
+        answered = time.monotonic()
         assert code == 201, answer
         assert wait_until(lambda: live("b") == live("a"), 5), (live("a"), live("b"))
+        print(f"a's answer -> b's live table: {time.monotonic() - answered:.2f} s")
         assert backends("b") == {"127.0.0.1:9101", "127.0.0.1:9102"}
         record = StateDir(nodes["b"].state).history()[-1]
         assert (record.origin, record.command) == ("store", "apply")

@@ -10,8 +10,8 @@ they block.
 
 Errors are JSON `{"error": ..., "detail": ...}`: 400 for a request the spec
 or the change refuses, 401 without the token where one is needed, 404, 409,
-413 for bodies over 64 KiB (32 MiB for a table), 503 when the change could not be delivered to
-the workers (the previous table is live again). Nothing else reaches a
+413 for bodies over 64 KiB (32 MiB for a table), 503 when the change could
+not be delivered to the workers (the previous table is live again). Nothing else reaches a
 client: an unexpected exception is logged and answered 500 without details.
 """
 
@@ -117,10 +117,12 @@ class Api:
         except ApplyFailed as e:
             raise ApiError(503, "the workers did not take the change; the previous table is live again", str(e)) from None
 
-    async def install(self, fn: Callable[..., service.ApplyResult], *args: Any, **kwargs: Any) -> Response:
+    async def install(self, fn: Callable[..., service.ApplyResult], body: dict[str, Any], *args: Any,
+                      **kwargs: Any) -> Response:
         """Run an install (a push, a rollback) and answer with its outcome."""
         try:
-            result = await run_in_threadpool(fn, self.state, *args, lock_timeout=LOCK_TIMEOUT_S, **kwargs)
+            result = await run_in_threadpool(fn, self.state, *args, lock_timeout=body.get("lock_timeout", LOCK_TIMEOUT_S),
+                                             ack_timeout=body.get("wait_timeout", 10.0), **kwargs)
         except StalePlan as e:
             raise ApiError(409, str(e)) from None
         except UnknownVersion as e:
@@ -225,13 +227,14 @@ class Api:
 
     async def put_table(self, request: Request) -> Response:
         body, _ = await self.checked(request, limit=MAX_TABLE_BODY)
-        return await self.install(service.install_pushed, body["table"], body["version"], files=body.get("files") or {},
+        return await self.install(service.install_pushed, body, body["table"], body["version"],
+                                  files=body.get("files") or {},
                                   expect=body["expect"], source=body.get("source"),
                                   source_sha256=body.get("source_sha256"), argv=body.get("argv") or "api: PUT /table")
 
     async def rollback_table(self, request: Request) -> Response:
         body, _ = await self.checked(request)
-        return await self.install(service.rollback, body["version"], expect=body["expect"], origin="push",
+        return await self.install(service.rollback, body, body["version"], expect=body["expect"], origin="push",
                                   argv=body.get("argv") or "api: POST /table/rollback", from_admin=True)
 
     async def healthz(self, request: Request) -> Response:
