@@ -183,9 +183,7 @@ class StateDir:
     def write_watch_status(self, record: dict) -> None:
         """Replace watch.json (a status, not state: no fsync, no lock)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".watch.json.tmp.{os.getpid()}"
-        tmp.write_text(json.dumps(record, sort_keys=True))
-        os.replace(tmp, self.root / "watch.json")
+        replace_file(self.root / "watch.json", json.dumps(record, sort_keys=True).encode())
 
     def has_secret(self, digest: str) -> bool:
         return (self.secrets / digest).is_file()
