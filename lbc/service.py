@@ -43,7 +43,6 @@ from lbc.supervise import (
     probe_binds,
     stop_processes,
     stop_wait_seconds,
-    terminate,
 )
 from lbc.table import RoutingTable, worker_count
 
@@ -671,16 +670,16 @@ def down(state: StateDir, drain_timeout: float | None) -> str:
     """Stop accepting, let in-flight requests finish (up to the drain
     timeout), stop the workers and supervisord."""
     node = Node(state)
-    if node.supervisord_pid() is None:
-        orphans, helpers = node.orphans(), node.orphaned_helpers()
-        terminate(orphans + helpers)
-        if orphans:
-            return f"supervisord was gone; sent SIGTERM to leftover workers {', '.join(map(str, orphans))}"
-        if helpers:
-            return f"supervisord was gone; sent SIGTERM to its leftover processes {', '.join(map(str, helpers))}"
-        raise LbcError(f"lbc is not running for {state.root}")
     _, table = state.current_table()
     wait = stop_wait_seconds(table) if table is not None else 35
+    if node.supervisord_pid() is None:
+        orphans, helpers = node.orphans(), node.orphaned_helpers()
+        if not orphans and not helpers:
+            raise LbcError(f"lbc is not running for {state.root}")
+        stop_processes(orphans + helpers, timeout=drain_timeout if drain_timeout is not None else wait)
+        if orphans:
+            return f"supervisord was gone; leftover workers {', '.join(map(str, orphans))} drained and stopped"
+        return f"supervisord was gone; its leftover processes {', '.join(map(str, helpers))} stopped"
     if drain_timeout is not None:
         memory = shm.Shm(node.shm_file, writable=True)
         try:

@@ -24,7 +24,6 @@ import ipaddress
 import os
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -417,12 +416,6 @@ def enable_listener_migration() -> bool:
         return True
     except OSError:
         return False
-
-
-def terminate(pids: list[int], sig: int = signal.SIGTERM) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
 
 
 def stop_processes(pids: list[int], timeout: float) -> None:
