@@ -250,6 +250,8 @@ def apply(compiled: Compiled, nodes: tuple[Target, ...], api: Callable[[Target],
             if now == mine.version:
                 return NodeOutcome(t, "installed", node_plan, detail=f"{e}, but it serves it", version=now)
             return NodeOutcome(t, "failed", node_plan, detail=str(e), version=now)
+        if answer.get("store") == "superseded":  # the node follows another node's table now
+            return NodeOutcome(t, "failed", node_plan, detail=answer.get("shared", ""), version=answer["version"])
         return NodeOutcome(t, "installed", node_plan, detail=_warning(answer), version=answer["version"])
 
     pushed = list(_each(push, nodes))
@@ -270,9 +272,9 @@ def apply(compiled: Compiled, nodes: tuple[Target, ...], api: Callable[[Target],
         except NodeError as e:
             return NodeOutcome(n.target, "rollback failed", n.plan, detail=f"it may still serve "
                                f"{_short(n.version)}: {e}", version=n.version)
-        if _warning(answer):  # the node is back, but the group's store was not: the followers take it forward again
+        if answer.get("store") == "superseded":  # back here, but the group's store holds another table
             return NodeOutcome(n.target, "rollback failed", n.plan, detail=_warning(answer), version=before)
-        return NodeOutcome(n.target, "rolled back", n.plan, version=before)
+        return NodeOutcome(n.target, "rolled back", n.plan, detail=_warning(answer), version=before)
 
     return FleetApply(compiled.version, tuple(_each(undo, pushed)), partial)
 

@@ -20,14 +20,21 @@ The rules:
    meanwhile: they follow the store back).
 2. Any other install (a file, a push, a rollback) keeps the dynamic pools'
    backends of the stored table, and is written once installed. If another
-   node wrote meanwhile, this write loses: the result says so, and this node
-   follows the winner (rule 3): the last change to reach the store wins.
+   node wrote meanwhile, this write loses: the result says so (exit 1), and
+   this node follows the winner (rule 3). If the store did not answer, the
+   node keeps the table and notes it (state/store-pending.json); its
+   follower writes it once the store answers, if the store still holds what
+   it replaced, and otherwise follows the store. A rollback from a table
+   this node has not caught up with is refused. An entry signed with
+   another token (a rotated token file) is replaced by the next install.
 3. Each node's admin API process follows: when the stored version is not
    the live one, it installs the stored table exactly (never writing back),
    after checking, under the lock, that the store still holds it. A version
-   that cannot be installed here (a file that differs, a bad signature) is
-   logged once and not tried again; a node that was down catches up when it
-   comes back.
+   that cannot be installed here (a file that differs, a bad signature, a
+   table that would move the admin API) is logged once and not tried again;
+   other failures (workers that did not ack, a busy lock) are tried again
+   after a pause that doubles up to a minute. A node that was down catches
+   up when it comes back.
 
 Redis being unreachable never stops a node from serving or from applying
 locally: writes report it, the follower retries. Admin API changes need it
@@ -41,6 +48,7 @@ import hmac
 import json
 import logging
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,7 +56,7 @@ from dataclasses import dataclass
 import redis
 from redis.exceptions import RedisError, WatchError
 
-from lbc.errors import LbcError, LockTimeout, StalePlan
+from lbc.errors import LbcError, Rejected, StalePlan
 from lbc.table import RoutingTable
 
 log = logging.getLogger("lbc.hastore")
@@ -85,7 +93,10 @@ class SharedTable:
         self.url, self.group, self.key = url, group, key
         self.name = redacted(url)
         self.prefix = f"lbc:ha:{group}:"
-        self.client = redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
+        try:
+            self.client = redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
+        except ValueError as e:  # the config check refuses such URLs; a table from elsewhere may not have been
+            raise StoreUnavailable(f"the ha store {self.name} is not a usable URL: {e}") from None
 
     def version(self) -> str | None:
         try:
@@ -148,24 +159,39 @@ class SharedTable:
 
 
 class Follower:
-    """Rule 3, in the admin API process: `step` looks once, `run` loops.
-    `config_of(table)` gives (url, group, key) of the table's store, or None;
-    `install(store, stored, expect)` installs, raising LbcError."""
+    """Rule 3 (and rule 2's pending writes), in the admin API process:
+    `step` looks once, `run` loops. `config_of(table)` gives (url, group,
+    key) of the table's store, or None; `catch_up(store, live_version, live)`
+    writes a table installed here while the store did not answer (what it
+    did, or None); `install(store, stored, expect)` installs, raising
+    LbcError: Rejected (a file that differs, a table this node cannot take)
+    and NotSigned are final for that version, anything else is tried again
+    after a pause that doubles up to a minute."""
 
     def __init__(self, config_of: Callable[[RoutingTable], tuple[str, int, bytes] | None],
-                 install: Callable[[SharedTable, Stored, str | None], object]) -> None:
-        self.config_of, self.install = config_of, install
+                 catch_up: Callable[[SharedTable, str | None, RoutingTable | None], str | None],
+                 install: Callable[[SharedTable, Stored, str | None], object],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config_of, self.catch_up, self.install, self.clock = config_of, catch_up, install, clock
         self.failed: str | None = None  # a stored version that cannot be installed here
+        self.retry: tuple[str, float, float] | None = None  # (version, not before, pause) after a passing failure
         self.store: SharedTable | None = None
         self.table: RoutingTable | None = None  # the live table self.store was opened for
 
     def step(self, live_version: str | None, live: RoutingTable | None) -> str | None:
-        """Install the stored table if it is not the live one; what was done."""
+        """Write what is pending, else install the stored table if it is not
+        the live one; what was done."""
         store = self._store(live)
         if store is None:
             return None
+        done = self.catch_up(store, live_version, live)
+        if done is not None:
+            log.warning("ha store: %s", done)
+            return done
         version = store.version()
         if version is None or version == live_version or version == self.failed:
+            return None
+        if self.retry is not None and self.retry[0] == version and self.clock() < self.retry[1]:
             return None
         try:
             stored = store.read()
@@ -174,12 +200,17 @@ class Follower:
             self.install(store, stored, live_version)
         except StalePlan:
             return None  # the live table or the store moved meanwhile: look again next time
-        except (LockTimeout, StoreUnavailable):
-            raise  # passing
-        except LbcError as e:
+        except (Rejected, NotSigned) as e:
             self.failed = version
             log.error("cannot install table %s from the ha store: %s", version[:12], e)
             return f"failed {version[:12]}: {e}"
+        except LbcError as e:
+            pause = min(60.0, self.retry[2] * 2) if self.retry is not None and self.retry[0] == version else 1.0
+            self.retry = (version, self.clock() + pause, pause)
+            log.warning("cannot install table %s from the ha store now (trying again in %.0f s): %s",
+                        version[:12], pause, e)
+            return f"not yet {version[:12]}: {e}"
+        self.retry = None
         log.info("installed table %s from the ha store", version[:12])
         return f"installed {version[:12]}"
 

@@ -108,7 +108,8 @@ class ApplyResult:
     installed: bool
     state: str
     delivery: Delivery | None = None
-    shared: str = ""  # what became of it in global.ha.store
+    shared: str = ""  # what became of it in global.ha.store, in words
+    store: str = ""  # the same: "", written, pending (the store did not answer), superseded (another node wrote first)
 
     def render_text(self) -> str:
         text = self.plan.render_text()
@@ -119,7 +120,7 @@ class ApplyResult:
         return text
 
     def exit_code(self) -> int:
-        return 0
+        return 1 if self.store == "superseded" else 0  # installed here, but the node follows another table
 
 
 class ApplyFailed(LbcError):
@@ -219,10 +220,10 @@ def read_files(table: RoutingTable, files: dict[str, str], where: Any,
                                  f"(sha256 {digest[:12]}): give every node the same file at that path")
         try:
             data = _read_regular(file) if remote else Path(file).read_bytes()
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a NUL in the path
             if remote:
                 raise elsewhere from None
-            raise LbcError(f"{where}: cannot read {file}, which the table uses: {e.strerror}") from None
+            raise LbcError(f"{where}: cannot read {file}, which the table uses: {getattr(e, 'strerror', e)}") from None
         if hashlib.sha256(data).hexdigest() != digest:
             if remote:
                 raise elsewhere
@@ -273,10 +274,10 @@ def apply(
         base_version, base = state.current_table()
         store = None if from_store is not None else open_store(compiled.table, state, compiled.secrets)
         try:
-            stored, note = _read_store(store)
+            seen = _read_store(store)
             if from_store is None:
-                ahead = stored is not None and stored.version != base_version
-                compiled = with_dynamic(compiled, _stored_table(stored) if ahead else base)
+                ahead = seen.stored is not None and seen.stored.version != base_version
+                compiled = with_dynamic(compiled, _stored_table(seen.stored) if ahead else base)
             elif from_store.version() != compiled.version:
                 raise StalePlan(f"the ha store no longer holds {compiled.version[:12]}")
             # A push finding its table live already (another node's store write got here first) is done;
@@ -294,10 +295,10 @@ def apply(
             delivery = _install_and_deliver(state, compiled.table, compiled.data, compiled.secrets, record, base,
                                             wait=wait, ack_timeout=ack_timeout, admin_may_change=not from_admin,
                                             paths=compiled.files)
-            if store is not None and not note:
-                note = _write_store(store, stored, Stored(compiled.version, compiled.data,
-                                                          state.file_paths(compiled.table)))
-            return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=note)
+            outcome = _write_store(state, store, seen, base_version,
+                                   Stored(compiled.version, compiled.data, state.file_paths(compiled.table)))
+            return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=outcome[1],
+                               store=outcome[0])
         finally:
             if store is not None:
                 store.close()
@@ -353,13 +354,20 @@ def change(state: StateDir, edit: Callable[[RoutingTable], RoutingTable], *, com
             try:
                 delivery = _install_and_deliver(state, table, data, {}, record, live, wait=wait,
                                                 ack_timeout=ack_timeout, admin_may_change=False)
-            except Exception:
-                if store is not None and base.version != version:  # put the store back, unless it moved on
-                    with contextlib.suppress(LbcError):
-                        store.swap(version, base)
+            except Exception as e:
+                if store is None or base.version == version:
+                    raise
+                put_back = False  # the store too, unless another node changed it meanwhile
+                with contextlib.suppress(LbcError):
+                    put_back = store.swap(version, base)
+                if isinstance(e, ApplyFailed) and not put_back:
+                    raise ApplyFailed(f"{e}; the ha store could not be put back: other nodes may serve the "
+                                      "change") from None
                 raise
-            shared = _written(store) if store is not None else ""
-            return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=shared)
+            if store is None:
+                return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery)
+            return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=_written(store),
+                               store="written")
         finally:
             if store is not None:
                 store.close()
@@ -388,14 +396,18 @@ def rollback(state: StateDir, target: str | None, *, argv: str, lock_timeout: fl
             return ApplyResult(plan, installed=False, state=str(state.root))
         store = open_store(table, state)
         try:
-            stored, note = _read_store(store)
+            seen = _read_store(store)
+            if seen.stored is not None and seen.stored.version not in (base_version, version):
+                # Rolling back from a table this node has not caught up with would drop the group's newer changes.
+                raise StalePlan(f"the ha store holds {_short(seen.stored.version)}, which this node has not "
+                                f"installed yet (it serves {_short(base_version)}): roll back once it has")
             record = _record(version, base_version, "rollback", origin, None, None, argv)
             data = tablemod.dump(table)
             delivery = _install_and_deliver(state, table, data, {}, record, base, wait=wait, ack_timeout=ack_timeout,
                                             admin_may_change=not from_admin)
-            if store is not None and not note:
-                note = _write_store(store, stored, Stored(version, data, state.file_paths(table)))
-            return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=note)
+            outcome = _write_store(state, store, seen, base_version, Stored(version, data, state.file_paths(table)))
+            return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=outcome[1],
+                               store=outcome[0])
         finally:
             if store is not None:
                 store.close()
@@ -424,25 +436,77 @@ def open_store(table: RoutingTable | None, state: StateDir,
     return SharedTable(*config) if config is not None else None
 
 
-def _read_store(store: SharedTable | None) -> tuple[Stored | None, str]:
-    """(what the store holds, a warning when it cannot be written after)."""
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """What an install found in the ha store when it took the node's lock."""
+
+    stored: Stored | None = None  # the stored table, when it could be read and verified
+    version: str | None = None  # the stored version, verified or not: what a write must replace
+    down: str = ""  # why the store could not be read
+
+
+def _read_store(store: SharedTable | None) -> _Seen:
     if store is None:
-        return None, ""
+        return _Seen()
     try:
-        return store.read(), ""
-    except (StoreUnavailable, NotSigned) as e:
-        return None, f"warning: {e}; the other nodes do not get this table from it"
-
-
-def _write_store(store: SharedTable, expect: Stored | None, new: Stored) -> str:
-    try:
-        if store.swap(expect.version if expect is not None else None, new):
-            return _written(store)
-        other = store.version()
+        stored = store.read()
+        return _Seen(stored, stored.version if stored is not None else None)
+    except NotSigned:
+        # Signed with another token (the token file was rotated): this install replaces it.
+        try:
+            return _Seen(None, store.version())
+        except StoreUnavailable as e:
+            return _Seen(down=str(e))
     except StoreUnavailable as e:
-        return f"warning: {e}; the other nodes do not get this table from it"
-    return (f"warning: another node wrote {_short(other)} to the ha store {store.name} meanwhile; the nodes follow "
-            "the store, this one too: apply again for this table to win")
+        return _Seen(down=str(e))
+
+
+def _write_store(state: StateDir, store: SharedTable | None, seen: _Seen, replaced: str | None,
+                 new: Stored) -> tuple[str, str]:
+    """Write an installed table to the group's store (lbc.hastore rule 2);
+    (outcome, words). `replaced`: the live version it replaced here."""
+    if store is None:
+        return "", ""
+    down = seen.down
+    if not down:
+        try:
+            if store.swap(seen.version, new):
+                state.set_store_pending(None)
+                return "written", _written(store)
+            other = store.version()
+        except StoreUnavailable as e:
+            down = str(e)
+        else:
+            return "superseded", (f"warning: another node wrote {_short(other)} to the ha store {store.name} "
+                                  "meanwhile; the nodes follow the store, this one too: apply again for this "
+                                  "table to win")
+    # Kept here and written once the store answers, unless another node writes first (lbc.hastore rule 2).
+    state.set_store_pending(new.version, seen.version if seen.version is not None else replaced)
+    return "pending", (f"warning: {down}; this node keeps the table and writes it there once it answers, unless "
+                       "another node writes first (then this node follows that)")
+
+
+def write_pending(state: StateDir, store: SharedTable, live_version: str | None, live: RoutingTable | None,
+                  lock_timeout: float = 30.0) -> str | None:
+    """The follower's first duty (lbc.hastore rule 2): a table this node
+    installed while the store did not answer is written there now, if the
+    store still holds what it replaced. What was done, or None."""
+    pending = state.store_pending()
+    if pending is None:
+        return None
+    version, expect = pending
+    if version != live_version or live is None:
+        state.set_store_pending(None)  # this node has moved on since
+        return None
+    with state.lock("ha store: write pending", lock_timeout):
+        if state.current_version() != version:
+            return None  # the next look decides
+        data = tablemod.dump(live)
+        if store.swap(expect, Stored(version, data, state.file_paths(live))):
+            state.set_store_pending(None)
+            return f"wrote {version[:12]}, installed while the store did not answer"
+        state.set_store_pending(None)
+        return f"lost {version[:12]}: another node wrote {_short(store.version())} first; following it"
 
 
 def _written(store: SharedTable) -> str:
@@ -453,7 +517,7 @@ def _stored_table(stored: Stored) -> RoutingTable:
     try:
         return tablemod.load(stored.data, expected_version=stored.version)
     except tablemod.TableError as e:
-        raise LbcError(f"the ha store's table {stored.version[:12]} cannot be read here: {e}") from None
+        raise Rejected(f"the ha store's table {stored.version[:12]} cannot be read here: {e}") from None
 
 
 CAS_TRIES = 5
@@ -470,6 +534,9 @@ def _edit_stored(store: SharedTable | None, state: StateDir, live_version: str, 
         stored = store.read()
         base = Stored(live_version, tablemod.dump(live), state.file_paths(live)) if stored is None else stored
         table = edit(live if base.version == live_version else _stored_table(base))
+        if table.settings.admin != live.settings.admin:  # the store is ahead with a table this API cannot install
+            raise Conflict("the ha store holds a table that changes global.admin, which the admin API cannot "
+                           "install on itself: apply it on this node (lbc apply FILE) first")
         data = tablemod.dump(table)
         new = Stored(tablemod.version_of(data), data, base.files)
         if new.version == base.version or store.swap(stored.version if stored is not None else None, new):

@@ -87,6 +87,7 @@ class StateDir:
         self.lock_file = self.root / "lock"
         self.slots_file = self.root / "slots.json"
         self.paths_file = self.root / "file-paths.json"  # digest -> where the file was read from
+        self.pending_file = self.root / "store-pending.json"  # an install the ha store has not taken yet
         self.run = self.root / "run"  # runtime files of a running node (lbc up)
         self.node_secret_file = self.root / "node-secret"
         self.admin_token_file = self.root / "admin-token"
@@ -184,6 +185,23 @@ class StateDir:
         """Replace watch.json (a status, not state: no fsync, no lock)."""
         self.root.mkdir(parents=True, exist_ok=True)
         replace_file(self.root / "watch.json", json.dumps(record, sort_keys=True).encode())
+
+    def store_pending(self) -> tuple[str, str | None] | None:
+        """(version, the store version it replaces) of a table installed while
+        global.ha.store could not take it; lbc.hastore rule 2."""
+        try:
+            doc = json.loads(self.pending_file.read_text())
+            return doc["version"], doc["expect"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StateError(f"cannot read {self.pending_file}: {e}") from None
+
+    def set_store_pending(self, version: str | None, expect: str | None = None) -> None:
+        if version is None:
+            self.pending_file.unlink(missing_ok=True)
+        else:
+            replace_file(self.pending_file, json.dumps({"version": version, "expect": expect}).encode())
 
     def has_secret(self, digest: str) -> bool:
         return (self.secrets / digest).is_file()

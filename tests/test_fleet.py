@@ -48,7 +48,7 @@ class FakeNode:
     def __init__(self, live: Compiled, push: str = "ok", rollback: str = "ok") -> None:
         self.live_version, self.live_table = live.version, live.table
         self.installed = {live.version: live.table}
-        self.push_does, self.rollback_does = push, rollback
+        self.push_does, self.rollback_does = push, rollback  # ok, refuse, lost, unreachable, superseded / ok, store
         self.calls: list[tuple] = []
 
     def live(self):
@@ -64,14 +64,18 @@ class FakeNode:
         self.live_version, self.live_table = compiled.version, compiled.table
         if self.push_does == "lost":  # it took the table, the answer never came
             raise fleet.NodeError("PUT /table: timed out")
-        return {"version": compiled.version, "shared": ""}
+        if self.push_does == "superseded":  # installed, but another node's table won the ha store
+            return {"version": compiled.version, "store": "superseded",
+                    "shared": "warning: another node wrote 0123 to the ha store meanwhile"}
+        return {"version": compiled.version, "store": "", "shared": ""}
 
     def rollback(self, version, expect, argv):
         self.calls.append(("rollback", version, expect))
         assert self.live_version == expect
         self.live_version, self.live_table = version, self.installed[version]
-        return {"version": version, "shared": "warning: the ha store did not answer" if self.rollback_does == "store"
-                else ""}
+        if self.rollback_does == "store":
+            return {"version": version, "store": "superseded", "shared": "warning: another node wrote 4567 first"}
+        return {"version": version, "store": "", "shared": ""}
 
 
 def run(compiled, nodes, partial=False):
@@ -134,7 +138,15 @@ def test_a_rollback_the_store_did_not_take_is_reported_failed(tables):
     old, new = tables
     nodes = {"a": FakeNode(old, rollback="store"), "b": FakeNode(old, push="refuse")}
     result = run(new, nodes)
-    assert result.nodes[0].state == "rollback failed" and "the ha store did not answer" in result.render_text()
+    assert result.nodes[0].state == "rollback failed" and "another node wrote 4567 first" in result.render_text()
+
+
+def test_a_push_another_node_won_the_store_from_counts_as_failed(tables):
+    old, new = tables
+    nodes = {"a": FakeNode(old), "b": FakeNode(old, push="superseded")}
+    result = run(new, nodes)
+    assert [n.state for n in result.nodes] == ["rolled back", "failed"] and result.exit_code() == 1
+    assert "another node wrote 0123" in result.render_text()
 
 
 def test_plan_shows_drift_between_nodes(tables):

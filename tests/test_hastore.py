@@ -5,11 +5,13 @@ refusals. (tests/test_ha_config.py runs it across two live nodes.)"""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from lbc import mutate, service
 from lbc import table as tablemod
-from lbc.errors import StateError
+from lbc.errors import StalePlan, StateError
 from lbc.hastore import Follower, NotSigned, SharedTable, Stored
 from lbc.state import StateDir
 
@@ -45,6 +47,21 @@ pools:
     store = service.open_store(state.current_table()[1], state)
     yield state, store, token
     store.close()
+
+
+def follower_of(state, install=None, clock=None) -> Follower:
+    def default_install(store, stored, expect):
+        return service.install_stored(state, store, stored, expect, lock_timeout=5)
+
+    return Follower(lambda t: service.store_config(t, state),
+                    lambda store, version, table: service.write_pending(state, store, version, table, lock_timeout=5),
+                    install or default_install, **({"clock": clock} if clock else {}))
+
+
+def compiled_with(tmp_path, text: str):
+    path = tmp_path / "other.yaml"
+    path.write_text(text)
+    return service.compile_file(path)
 
 
 def add(port: int):
@@ -107,7 +124,7 @@ def test_the_follower_gives_up_on_what_it_cannot_install_and_says_so(group, tmp_
         installs.append(stored.version)
         return service.install_stored(state, s, stored, expect, lock_timeout=5)
 
-    follower = Follower(lambda t: service.store_config(t, state), install)
+    follower = follower_of(state, install)
     live_version, live = state.current_table()
     assert follower.step(live_version, live) is None  # the store holds the live table
 
@@ -132,3 +149,105 @@ def test_the_follower_gives_up_on_what_it_cannot_install_and_says_so(group, tmp_
     assert store.swap(theirs.version, Stored(next_one.version, next_one.data, next_one.files))
     assert follower.step(live_version, live) == f"installed {next_one.version[:12]}"
     assert state.current_version() == next_one.version and state.history()[-1].origin == "store"
+
+
+def test_an_apply_while_the_store_is_down_is_written_once_it_answers(group, redis_server, tmp_path):
+    state, store, _ = group
+    before = state.current_version()
+    text = (tmp_path / "pool.yaml").read_text()
+    redis_server.proc.send_signal(signal.SIGSTOP)  # up, but silent: every call times out
+    try:
+        result = service.apply(compiled_with(tmp_path, text.replace("router_id: 42", "router_id: 42\n    preempt: true")),
+                               state, argv="test", lock_timeout=5)
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    assert result.store == "pending" and "writes it there once it answers" in result.shared, result.shared
+    mine = state.current_version()
+    assert store.version() == before and state.store_pending() == (mine, before)
+    # the follower writes it instead of going back to what the store holds
+    follower = follower_of(state)
+    assert follower.step(mine, state.current_table()[1]).startswith(f"wrote {mine[:12]}")
+    assert store.version() == mine and state.store_pending() is None and state.current_version() == mine
+
+
+def test_a_pending_table_another_node_overtook_is_dropped_and_the_store_followed(group, redis_server, tmp_path):
+    state, store, _ = group
+    before = state.current_version()
+    text = (tmp_path / "pool.yaml").read_text()
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        service.apply(compiled_with(tmp_path, text.replace("router_id: 42", "router_id: 42\n    preempt: true")),
+                      state, argv="test", lock_timeout=5)
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    theirs = compiled_with(tmp_path, text.replace("port: 9101", "port: 9109"))
+    assert store.swap(before, Stored(theirs.version, theirs.data, {}))  # another node, once the store was back
+    follower = follower_of(state)
+    live = state.current_table()
+    assert follower.step(*live).startswith("lost")
+    assert follower.step(*live) == f"installed {theirs.version[:12]}"
+    assert state.current_version() == theirs.version and state.store_pending() is None
+
+
+def test_a_rotated_token_is_replaced_by_the_next_install(group, tmp_path):
+    state, store, token = group
+    other = SharedTable(store.url, store.group, b"the old token")
+    stored = store.read()
+    assert other.swap(stored.version, Stored("e" * 64, stored.data, {}))  # signed otherwise
+    other.close()
+    with pytest.raises(NotSigned):
+        store.read()
+    text = (tmp_path / "pool.yaml").read_text()
+    result = service.apply(compiled_with(tmp_path, text.replace("router_id: 42", "router_id: 42\n    preempt: true")),
+                           state, argv="test", lock_timeout=5)
+    assert result.store == "written" and store.read().version == state.current_version()
+
+
+def test_installs_keep_the_stored_dynamic_backends_and_rollbacks_wait_for_the_node(group, tmp_path):
+    state, store, _ = group
+    text = (tmp_path / "pool.yaml").read_text().replace("  - name: web\n", "  - name: web\n    dynamic_backends: true\n")
+    first = service.apply(compiled_with(tmp_path, text), state, argv="test", lock_timeout=5)
+    assert first.store == "written"
+    v1 = state.current_version()
+    # another node adds a backend through its API; this node has not followed yet
+    stored = store.read()
+    theirs = add(9105)(tablemod.load(stored.data))
+    data = tablemod.dump(theirs)
+    assert store.swap(stored.version, Stored(tablemod.version_of(data), data, stored.files))
+    ahead = store.version()
+    with pytest.raises(StalePlan, match="which this node has not installed yet"):
+        service.rollback(state, None, argv="test", lock_timeout=5)
+    # a file applied here keeps the group's API backend
+    result = service.apply(compiled_with(tmp_path, text.replace("router_id: 42", "router_id: 42\n    preempt: true")),
+                           state, argv="test", lock_timeout=5)
+    assert result.store == "written" and 9105 in backends(state.current_table()[1])
+    assert store.version() == state.current_version() != ahead
+    # a rollback is written as any install
+    back = service.rollback(state, v1, argv="test", lock_timeout=5)
+    assert back.store == "written" and store.version() == v1 == state.current_version()
+
+
+def test_the_follower_checks_the_store_under_the_lock_and_retries_passing_failures(group, tmp_path):
+    state, store, _ = group
+    live_version, live = state.current_table()
+    theirs = compiled_with(tmp_path, (tmp_path / "pool.yaml").read_text().replace("port: 9101", "port: 9108"))
+    newer = Stored(theirs.version, theirs.data, {})
+    assert store.swap(live_version, newer)
+    stale = Stored(live_version, tablemod.dump(live), {})
+    with pytest.raises(StalePlan, match="no longer holds"):  # what the store held when the follower looked
+        service.install_stored(state, store, stale, None, lock_timeout=5)
+    now = [0.0]
+    attempts = []
+
+    def flaky(s, stored, expect):
+        attempts.append(now[0])
+        if len(attempts) == 1:
+            raise service.ApplyFailed("a worker did not ack")
+        return service.install_stored(state, s, stored, expect, lock_timeout=5)
+
+    follower = follower_of(state, flaky, clock=lambda: now[0])
+    assert follower.step(live_version, live).startswith("not yet")
+    assert follower.step(live_version, live) is None  # pausing
+    now[0] = 1.5
+    assert follower.step(live_version, live) == f"installed {theirs.version[:12]}"
+    assert attempts == [0.0, 1.5] and state.current_version() == theirs.version

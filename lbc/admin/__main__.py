@@ -86,6 +86,7 @@ def follow_store(state: StateDir, stop: threading.Event) -> None:
         return seen[0], seen[1]
 
     Follower(lambda table: service.store_config(table, state),
+             lambda store, version, table: service.write_pending(state, store, version, table),
              lambda store, stored, expect: service.install_stored(state, store, stored, expect, lock_timeout=30),
              ).run(current, stop)
 

@@ -132,7 +132,7 @@ class Api:
         plan, delivery = result.plan, result.delivery
         return JSONResponse({"installed": result.installed, "version": plan.version, "base_version": plan.base_version,
                              "summary": plan.summary(), "workers": len(delivery.acks) if delivery else 0,
-                             "shared": result.shared})
+                             "shared": result.shared, "store": result.store})
 
     # -- handlers ------------------------------------------------------------------
 
