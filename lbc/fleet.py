@@ -11,7 +11,11 @@ The rules, in order:
    version it was planned against: a node whose table changed meanwhile
    refuses (409). A node answers once every one of its workers serves the
    table, or after putting its previous table back itself (503).
-3. If every node took it, done. If one did not: without --partial, every node
+3. A node whose answer was lost (a timeout, a reset, a 500) is asked what
+   it serves: if the pushed table, it took it. A node that took it but whose
+   global.ha.store write another node overtook follows that other table, so
+   it counts as failed.
+4. If every node took it, done. If one did not: without --partial, every node
    that took it is rolled back to the version it had, on the condition that
    it still serves the pushed one; with --partial they keep it. Either way the
    command fails and names the nodes that failed.
