@@ -19,7 +19,7 @@ import socket
 import stat
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -272,8 +272,7 @@ def apply(
     global.admin."""
     with state.lock(argv, lock_timeout):
         base_version, base = state.current_table()
-        store = None if from_store is not None else open_store(compiled.table, state, compiled.secrets)
-        try:
+        with _opened_store(compiled.table if from_store is None else None, state, compiled.secrets) as store:
             seen = _read_store(store)
             if from_store is None:
                 ahead = seen.stored is not None and seen.stored.version != base_version
@@ -299,9 +298,6 @@ def apply(
                                    Stored(compiled.version, compiled.data, state.file_paths(compiled.table)))
             return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=outcome[1],
                                store=outcome[0])
-        finally:
-            if store is not None:
-                store.close()
 
 
 def install_pushed(state: StateDir, plain: Any, version: str, *, files: dict[str, str], expect: str | None,
@@ -342,8 +338,7 @@ def change(state: StateDir, edit: Callable[[RoutingTable], RoutingTable], *, com
         live_version, live = state.current_table()
         if live is None:
             raise LbcError(f"nothing is installed in {state.root}: apply a file first")
-        store = open_store(live, state)
-        try:
+        with _opened_store(live, state) as store:
             base, table = _edit_stored(store, state, live_version, live, edit)
             data = tablemod.dump(table)
             version = tablemod.version_of(data)
@@ -368,9 +363,6 @@ def change(state: StateDir, edit: Callable[[RoutingTable], RoutingTable], *, com
                 return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery)
             return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=_written(store),
                                store="written")
-        finally:
-            if store is not None:
-                store.close()
 
 
 def rollback(state: StateDir, target: str | None, *, argv: str, lock_timeout: float, origin: str = "cli",
@@ -394,8 +386,7 @@ def rollback(state: StateDir, target: str | None, *, argv: str, lock_timeout: fl
         plan = diff(base, table, base_version, version)
         if plan.empty:
             return ApplyResult(plan, installed=False, state=str(state.root))
-        store = open_store(table, state)
-        try:
+        with _opened_store(table, state) as store:
             seen = _read_store(store)
             if seen.stored is not None and seen.stored.version not in (base_version, version):
                 # Rolling back from a table this node has not caught up with would drop the group's newer changes.
@@ -408,9 +399,6 @@ def rollback(state: StateDir, target: str | None, *, argv: str, lock_timeout: fl
             outcome = _write_store(state, store, seen, base_version, Stored(version, data, state.file_paths(table)))
             return ApplyResult(plan, installed=True, state=str(state.root), delivery=delivery, shared=outcome[1],
                                store=outcome[0])
-        finally:
-            if store is not None:
-                store.close()
 
 
 # -- global.ha.store (the rules are lbc.hastore's) -----------------------------------------
@@ -434,6 +422,17 @@ def open_store(table: RoutingTable | None, state: StateDir,
                secrets: dict[str, bytes] | None = None) -> SharedTable | None:
     config = store_config(table, state, secrets)
     return SharedTable(*config) if config is not None else None
+
+
+@contextlib.contextmanager
+def _opened_store(table: RoutingTable | None, state: StateDir,
+                  secrets: dict[str, bytes] | None = None) -> Iterator[SharedTable | None]:
+    store = open_store(table, state, secrets)
+    try:
+        yield store
+    finally:
+        if store is not None:
+            store.close()
 
 
 @dataclass(frozen=True, slots=True)
